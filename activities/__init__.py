@@ -1,0 +1,1 @@
+"""Every side effect of the checkout saga, grouped by the resource it touches."""

@@ -1,0 +1,159 @@
+"""Stripe activities. Every call that creates or changes something carries an idempotency key
+derived from the checkout id and the step, so Temporal's retries never double anything."""
+
+from __future__ import annotations
+
+import uuid
+
+import stripe
+from pydantic import BaseModel
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from core.orders import OrderStore
+from core.stripe_gateway import Intent, StripeGateway
+
+
+class PaymentIntentInput(BaseModel):
+    checkout_id: uuid.UUID
+    order_id: uuid.UUID
+    amount: int
+    currency: str
+    # Known once created; without it, cancel finds the intent through its creation key.
+    payment_intent_id: str | None = None
+
+
+class IntentOut(BaseModel):
+    payment_intent_id: str
+    status: str
+    amount: int
+    currency: str
+    client_secret: str | None = None
+    last_error: str | None = None
+
+    @classmethod
+    def of(cls, intent: Intent) -> IntentOut:
+        return cls(
+            payment_intent_id=intent.id,
+            status=intent.status,
+            amount=intent.amount,
+            currency=intent.currency,
+            client_secret=intent.client_secret,
+            last_error=intent.last_error,
+        )
+
+
+class SettleInput(BaseModel):
+    checkout_id: uuid.UUID
+    order_id: uuid.UUID
+    payment_intent_id: str
+    amount: int
+    currency: str
+
+
+class SettleResult(BaseModel):
+    # paid: the order is paid now (or was already); unpaid: Stripe does not say succeeded;
+    # mismatch: Stripe's amount or currency is not the order's; otherwise the order's status.
+    outcome: str
+    intent: IntentOut
+
+
+def create_key(checkout_id: uuid.UUID) -> str:
+    return f"{checkout_id}:create-intent"
+
+
+def cancel_key(checkout_id: uuid.UUID) -> str:
+    return f"{checkout_id}:cancel-intent"
+
+
+def _non_retryable(exc: stripe.StripeError) -> ApplicationError | None:
+    """Stripe's 4xx answers other than rate limits will not change on retry."""
+    status = exc.http_status or 0
+    if 400 <= status < 500 and status not in (409, 429):
+        return ApplicationError(str(exc), type=f"stripe_{status}", non_retryable=True)
+    return None
+
+
+class PaymentActivities:
+    def __init__(self, gateway: StripeGateway, orders: OrderStore) -> None:
+        self._stripe = gateway
+        self._orders = orders
+
+    async def _create(self, input: PaymentIntentInput) -> Intent:
+        return await self._stripe.create_intent(
+            amount=input.amount,
+            currency=input.currency,
+            metadata={"checkout_id": str(input.checkout_id), "order_id": str(input.order_id)},
+            idempotency_key=create_key(input.checkout_id),
+        )
+
+    @activity.defn(name="create_payment_intent")
+    async def create_payment_intent(self, input: PaymentIntentInput) -> IntentOut:
+        """Create the order's PaymentIntent (once: the key derives from the checkout id)."""
+        try:
+            intent = await self._create(input)
+        except stripe.StripeError as exc:
+            final = _non_retryable(exc)
+            if final is not None:
+                raise final from exc
+            raise
+        await self._orders.attach_payment(
+            input.order_id,
+            intent_id=intent.id,
+            status=intent.status,
+            amount=intent.amount,
+            currency=intent.currency,
+        )
+        return IntentOut.of(intent)
+
+    @activity.defn(name="cancel_payment_intent")
+    async def cancel_payment_intent(self, input: PaymentIntentInput) -> IntentOut:
+        """Cancel the checkout's PaymentIntent, unless the payment already went through.
+
+        Finds the intent by replaying its creation under the same idempotency key: if the
+        creation reached Stripe before a failure, this returns that intent, so nothing is left
+        pending; if it never did, the new intent is cancelled at once.
+        """
+        intent_id = input.payment_intent_id or (await self._create(input)).id
+        result = await self._stripe.cancel_intent(
+            intent_id, idempotency_key=cancel_key(input.checkout_id)
+        )
+        return IntentOut.of(result)
+
+    @activity.defn(name="settle_payment")
+    async def settle_payment(self, input: SettleInput) -> SettleResult:
+        """Mark the order paid if, and only if, Stripe says its PaymentIntent succeeded for the
+        order's amount and currency. Stripe's state decides, not a webhook's body."""
+        intent = IntentOut.of(await self._stripe.retrieve_intent(input.payment_intent_id))
+        if intent.status != "succeeded":
+            return SettleResult(outcome="unpaid", intent=intent)
+        if (intent.amount, intent.currency) != (input.amount, input.currency):
+            # Money taken that is not the order's price: give it back, never mark paid.
+            refund = await self._stripe.refund(
+                intent.payment_intent_id,
+                idempotency_key=f"{intent.payment_intent_id}:mismatch-refund",
+                metadata={"order_id": str(input.order_id), "reason": "payment_mismatch"},
+            )
+            await self._orders.record_event(
+                input.order_id,
+                "payment_mismatch_refunded",
+                {
+                    "payment_intent_id": intent.payment_intent_id,
+                    "amount": intent.amount,
+                    "currency": intent.currency,
+                    "expected_amount": input.amount,
+                    "expected_currency": input.currency,
+                    "refund_id": refund.id,
+                },
+                f"{input.order_id}:mismatch:{intent.payment_intent_id}",
+            )
+            return SettleResult(outcome="mismatch", intent=intent)
+        status = await self._orders.mark_paid(
+            input.checkout_id,
+            input.order_id,
+            intent_id=intent.payment_intent_id,
+            intent_status=intent.status,
+            amount=intent.amount,
+            currency=intent.currency,
+        )
+        return SettleResult(outcome=status, intent=intent)

@@ -1,0 +1,181 @@
+"""Request and response bodies, exactly as the HTTP contract names them."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+
+SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Stripe's largest charge for most currencies is 99,999,999 minor units.
+MAX_AMOUNT = 99_999_999
+MAX_STOCK = 2**31 - 1
+
+Sku = Annotated[str, StringConstraints(pattern=SKU_PATTERN)]
+# Accepted in any case, stored and returned lowercase, as Stripe does.
+Currency = Annotated[
+    str, StringConstraints(strip_whitespace=True, to_lower=True, pattern=r"^[A-Za-z]{3}$")
+]
+Money = Annotated[int, Field(strict=True, gt=0, le=MAX_AMOUNT)]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. insufficient_stock")
+    message: str = Field(description="what went wrong, for a person")
+    details: dict[str, Any] | list[Any] | None = None
+
+
+class ProductIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    unit_price: Money = Field(description="price of one unit in minor units (cents)")
+    currency: Currency = Field(description="ISO 4217 code; stored lowercase", examples=["usd"])
+    on_hand: Annotated[int, Field(strict=True, ge=0, le=MAX_STOCK)] = Field(
+        description="physical stock; must not fall below what is reserved"
+    )
+
+
+class InventoryOut(BaseModel):
+    sku: str
+    on_hand: int
+    reserved: int
+    available: int
+
+
+class ProductOut(InventoryOut):
+    name: str
+    unit_price: int
+    currency: str
+
+
+class HealthOut(BaseModel):
+    status: str
+    database: str
+    temporal: str
+
+
+# -- checkout -------------------------------------------------------------------------------
+
+IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7E]{1,255}$"
+
+
+class CustomerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: EmailStr
+    user_id: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+
+
+class ItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sku: Sku
+    quantity: Annotated[int, Field(strict=True, ge=1, le=1000)]
+
+
+class CheckoutIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer: CustomerIn
+    items: list[ItemIn] = Field(min_length=1, max_length=100)
+    metadata: dict[str, Any] | None = None
+
+
+class LineOutSchema(BaseModel):
+    sku: str
+    name: str
+    unit_price: int
+    quantity: int
+    line_total: int
+
+
+class TotalsOut(BaseModel):
+    subtotal: int
+    discount: int
+    tax: int
+    shipping: int
+    total: int
+
+
+class CheckoutPaymentOut(BaseModel):
+    provider: str
+    payment_intent_id: str
+    client_secret: str | None
+    status: str
+
+
+class CheckoutOut(BaseModel):
+    checkout_id: uuid.UUID
+    order_id: uuid.UUID
+    status: str
+    currency: str
+    items: list[LineOutSchema]
+    totals: TotalsOut
+    payment: CheckoutPaymentOut
+    expires_at: datetime
+
+
+class PaymentAttemptOut(BaseModel):
+    event_id: str
+    at: datetime
+    outcome: str = Field(description="succeeded, failed or canceled")
+    message: str | None = None
+
+
+class CheckoutStateOut(BaseModel):
+    checkout_id: uuid.UUID
+    order_id: uuid.UUID
+    status: str = Field(
+        description="pricing, reserving, creating_order, creating_payment, pending_payment, "
+        "committing, compensating, paid, cancelled, expired or rejected"
+    )
+    expires_at: datetime | None
+    payment_attempts: list[PaymentAttemptOut]
+
+
+# -- orders ---------------------------------------------------------------------------------
+
+
+class CustomerOut(BaseModel):
+    email: str
+    user_id: str | None
+
+
+class OrderPaymentOut(BaseModel):
+    provider: str
+    payment_intent_id: str
+    status: str
+    amount: int
+
+
+class OrderEventOut(BaseModel):
+    type: str
+    at: datetime
+    data: dict[str, Any]
+
+
+class OrderOut(BaseModel):
+    order_id: uuid.UUID
+    checkout_id: uuid.UUID
+    status: str
+    customer: CustomerOut
+    currency: str
+    items: list[LineOutSchema]
+    totals: TotalsOut
+    payment: OrderPaymentOut | None
+    created_at: datetime
+    updated_at: datetime
+    events: list[OrderEventOut]
+
+
+class OrderStatusOut(BaseModel):
+    order_id: uuid.UUID
+    status: str
+
+
+class WebhookAck(BaseModel):
+    received: bool = True
+    outcome: str = Field(description="acted, duplicate or ignored")

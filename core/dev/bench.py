@@ -1,0 +1,242 @@
+"""`make bench`: complete checkouts against the real local stack, at several concurrencies.
+
+Starts a fresh stack exactly as `make run` does (embedded PostgreSQL, the tuned Temporal dev
+server, the Stripe stand-in, the worker and the API, each its own process) in a temporary
+directory, then for each concurrency runs complete checkouts: POST /checkout, the customer's
+payment through the stand-in (payment method + confirm), the stand-in's signed webhook, the
+workflow committing the stock and marking the order paid. It prints:
+
+- completed checkouts per second (first request to last order paid);
+- p50/p95/p99 of POST /checkout, and of payment-to-paid (confirm answered -> order paid,
+  from the order's `paid` timeline entry; one clock, one machine);
+- CPU seconds per completed checkout, summed over the stack's processes (API, worker,
+  Temporal, PostgreSQL and its backends, stand-in), and how they split.
+
+The load generator (this process) is not counted. Usage:
+    python -m core.dev.bench [--levels 1,10,50] [--checkouts-per-client 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import psutil
+import psycopg
+
+from core.dev.stack import Ports, Stack
+from core.settings import DEV_ADMIN_TOKEN, DEV_STRIPE_SECRET_KEY
+
+SKUS = [f"BENCH-{i:03d}" for i in range(200)]
+EXTERNAL = ("DATABASE_URL", "TEMPORAL_ADDRESS", "STRIPE_SECRET_KEY", "STRIPE_API_BASE")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Level:
+    concurrency: int
+    checkout_ms: list[float] = field(default_factory=list)
+    confirmed_at: dict[str, float] = field(default_factory=dict)  # order id -> wall clock
+    started: float = 0.0
+    errors: int = 0
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+class Cpu:
+    """CPU seconds used by the stack's processes, including exited PostgreSQL backends."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.roots = {c.name: psutil.Process(c.proc.pid) for c in stack.supervisor.children}
+
+    def sample(self) -> dict[str, float]:
+        used: dict[str, float] = {}
+        for name, root in self.roots.items():
+            total = 0.0
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system + t.children_user + t.children_system
+                except psutil.NoSuchProcess:
+                    pass
+            used[name] = total
+        return used
+
+
+async def _client(
+    http: aiohttp.ClientSession, api: str, stripe: str, level: Level, count: int, rng: random.Random
+) -> None:
+    auth = {
+        "Authorization": "Basic " + base64.b64encode(f"{DEV_STRIPE_SECRET_KEY}:".encode()).decode()
+    }
+    for _ in range(count):
+        items = [
+            {"sku": sku, "quantity": rng.randint(1, 3)}
+            for sku in rng.sample(SKUS, rng.randint(1, 3))
+        ]
+        body = {"customer": {"email": f"bench{rng.randint(1, 10**9)}@example.com"}, "items": items}
+        t0 = time.perf_counter()
+        async with http.post(f"{api}/checkout", json=body) as response:
+            created = await response.json()
+        level.checkout_ms.append((time.perf_counter() - t0) * 1000)
+        if response.status != 201:
+            level.errors += 1
+            continue
+        card = {
+            "type": "card",
+            "card[number]": "4242424242424242",
+            "card[exp_month]": "12",
+            "card[exp_year]": "2034",
+            "card[cvc]": "123",
+        }
+        async with http.post(f"{stripe}/v1/payment_methods", data=card, headers=auth) as response:
+            method = await response.json()
+        intent = created["payment"]["payment_intent_id"]
+        async with http.post(
+            f"{stripe}/v1/payment_intents/{intent}/confirm",
+            data={"payment_method": method["id"]},
+            headers=auth,
+        ) as response:
+            confirmed = await response.json()
+        if confirmed.get("status") != "succeeded":
+            level.errors += 1
+            continue
+        level.confirmed_at[created["order_id"]] = time.time()
+
+
+async def _wait_paid(db_url: str, order_ids: list[str], timeout: float) -> dict[str, datetime]:
+    deadline = time.monotonic() + timeout
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        while True:
+            rows = await (
+                await conn.execute(
+                    "SELECT o.id::text, e.at FROM orders o JOIN order_events e"
+                    " ON e.order_id = o.id AND e.type = 'paid'"
+                    " WHERE o.id = ANY(%s::uuid[]) AND o.status = 'paid'",
+                    (order_ids,),
+                )
+            ).fetchall()
+            if len(rows) == len(order_ids) or time.monotonic() > deadline:
+                return {row[0]: row[1] for row in rows}
+            await asyncio.sleep(0.05)
+
+
+async def _run_level(
+    stack: Stack, db_url: str, concurrency: int, per_client: int, cpu: Cpu
+) -> tuple[Level, dict[str, float], int, float]:
+    api = f"http://127.0.0.1:{stack.ports.api}"
+    stripe = f"http://127.0.0.1:{stack.ports.stripe}"
+    connector = aiohttp.TCPConnector(limit=concurrency * 3)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        warm = Level(concurrency)
+        await asyncio.gather(
+            *(_client(http, api, stripe, warm, 2, random.Random(i)) for i in range(concurrency))
+        )
+        await _wait_paid(db_url, list(warm.confirmed_at), 60)
+
+        level = Level(concurrency)
+        before = cpu.sample()
+        level.started = time.time()
+        await asyncio.gather(
+            *(
+                _client(http, api, stripe, level, per_client, random.Random(1000 + i))
+                for i in range(concurrency)
+            )
+        )
+        paid = await _wait_paid(db_url, list(level.confirmed_at), 120)
+        after = cpu.sample()
+    used = {name: after[name] - before[name] for name in after}
+    finished = max((at.timestamp() for at in paid.values()), default=time.time())
+    level_paid = {oid: at.timestamp() - level.confirmed_at[oid] for oid, at in paid.items()}
+    level.confirmed_at = level_paid  # now: order id -> seconds from confirm to paid
+    return level, used, len(paid), finished - level.started
+
+
+async def _seed(api: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for sku in SKUS:
+            async with http.put(
+                f"{api}/admin/products/{sku}",
+                json={
+                    "name": sku,
+                    "unit_price": 500 + hash(sku) % 5000,
+                    "currency": "usd",
+                    "on_hand": 10_000_000,
+                },
+                headers={
+                    "Authorization": f"Bearer {os.environ.get('ADMIN_TOKEN', DEV_ADMIN_TOKEN)}"
+                },
+            ) as response:
+                response.raise_for_status()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="complete checkouts against the local stack")
+    parser.add_argument("--levels", default="1,10,50")
+    parser.add_argument("--checkouts-per-client", type=int, default=0, help="default: by level")
+    args = parser.parse_args()
+    for name in EXTERNAL:
+        os.environ.pop(name, None)
+    os.environ["API_ACCESS_LOG"] = "false"
+
+    with tempfile.TemporaryDirectory(prefix="checkout-bench-") as tmp:
+        ports = Ports(
+            api=_free_port(), postgres=_free_port(), temporal=_free_port(),
+            temporal_ui=_free_port(), stripe=_free_port(),
+        )  # fmt: skip
+        stack = Stack(Path(tmp) / "data", ports, keep_stripe_state=False, quiet=True)
+        try:
+            print("starting the stack...", flush=True)
+            stack.up()
+            db_url = stack.env["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+            asyncio.run(_seed(f"http://127.0.0.1:{ports.api}"))
+            cpu = Cpu(stack)
+            print(
+                f"\n{'conc':>4} {'done':>5} {'co/s':>7} | POST /checkout ms p50/p95/p99 "
+                f"| payment->paid ms p50/p95/p99 | CPU s/checkout  (split)"
+            )
+            for concurrency in [int(x) for x in args.levels.split(",")]:
+                per_client = args.checkouts_per_client or max(3, min(60, 600 // concurrency))
+                level, used, done, elapsed = asyncio.run(
+                    _run_level(stack, db_url, concurrency, per_client, cpu)
+                )
+                ms = level.checkout_ms
+                paid_ms = [s * 1000 for s in level.confirmed_at.values()]
+                total_cpu = sum(used.values())
+                split = " ".join(f"{k}={v / max(done, 1) * 1000:.1f}ms" for k, v in used.items())
+                print(
+                    f"{concurrency:>4} {done:>5} {done / elapsed:>7.1f} | "
+                    f"{_pct(ms, 50):6.1f} {_pct(ms, 95):6.1f} {_pct(ms, 99):6.1f} | "
+                    f"{_pct(paid_ms, 50):6.1f} {_pct(paid_ms, 95):6.1f} {_pct(paid_ms, 99):6.1f} | "
+                    f"{total_cpu / max(done, 1):.4f}  ({split})"
+                    + (f"  errors={level.errors}" if level.errors else ""),
+                    flush=True,
+                )
+            print(f"\nmachine: {os.cpu_count()} cores, shared by the stack and this load generator")
+        finally:
+            stack.supervisor.stop_all()
+
+
+if __name__ == "__main__":
+    main()

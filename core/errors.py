@@ -1,0 +1,79 @@
+"""The service's error vocabulary.
+
+Codes are the contract's `error` values. They are constants shared by the code that raises an
+error, the workflow that handles it and the tests that check it; the HTTP status for each code
+lives at the edge, in `api.errors`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ErrorCode:
+    VALIDATION_ERROR = "validation_error"
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNKNOWN_SKU = "unknown_sku"
+    INSUFFICIENT_STOCK = "insufficient_stock"
+    STOCK_BELOW_RESERVED = "stock_below_reserved"
+    INVALID_STATE = "invalid_state"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    INVALID_SIGNATURE = "invalid_signature"
+    INVALID_PAYLOAD = "invalid_payload"
+    UNAVAILABLE = "unavailable"
+    INTERNAL_ERROR = "internal_error"
+
+
+class ServiceError(Exception):
+    """An error a caller can act on: a code from `ErrorCode`, a sentence and optional details."""
+
+    code: str = ErrorCode.INTERNAL_ERROR
+
+    def __init__(self, message: str, *, details: Any = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        if code is not None:
+            self.code = code
+
+
+class NotFound(ServiceError):
+    code = ErrorCode.NOT_FOUND
+
+
+class UnknownSku(ServiceError):
+    code = ErrorCode.UNKNOWN_SKU
+
+    def __init__(self, skus: list[str]) -> None:
+        super().__init__(f"unknown SKU: {', '.join(skus)}", details=[{"sku": sku} for sku in skus])
+        self.skus = skus
+
+
+class InsufficientStock(ServiceError):
+    """Raised by `reserve` when any line cannot be served; nothing was reserved."""
+
+    code = ErrorCode.INSUFFICIENT_STOCK
+
+    def __init__(self, shortages: list[dict[str, Any]]) -> None:
+        skus = ", ".join(s["sku"] for s in shortages)
+        super().__init__(f"not enough stock for: {skus}", details=shortages)
+        self.shortages = shortages
+
+
+class StockBelowReserved(ServiceError):
+    code = ErrorCode.STOCK_BELOW_RESERVED
+
+
+class InvalidState(ServiceError):
+    code = ErrorCode.INVALID_STATE
+
+
+class Unavailable(ServiceError):
+    code = ErrorCode.UNAVAILABLE
+
+
+class Unauthorized(ServiceError):
+    code = ErrorCode.UNAUTHORIZED

@@ -1,0 +1,139 @@
+"""The ledger's invariants, checked against the database (and Stripe, when given).
+
+    python -m core.invariants        # exit 1 and list the violations, if any
+
+1. For each SKU, `stock.reserved` equals the sum of its active reservations.
+2. For each SKU, sold units (committed reservations, and returned ones of refunded orders)
+   equal the items of paid and refunded orders.
+3. No succeeded PaymentIntent belongs to an order that is not `paid` or `refunded`, unless
+   its money was refunded in full (a late payment, refunded automatically).
+4. No order in a final state holds an active reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+
+from core.db import SessionFactory, create_engine, create_session_factory
+from core.settings import Settings
+from core.stripe_gateway import StripeGateway, create_gateway
+
+_RESERVED_MATCHES_ACTIVE = text(
+    """
+    SELECT s.sku, s.reserved, COALESCE(SUM(r.quantity), 0) AS active
+    FROM stock s LEFT JOIN reservations r ON r.sku = s.sku AND r.status = 'active'
+    GROUP BY s.sku, s.reserved
+    HAVING s.reserved <> COALESCE(SUM(r.quantity), 0)
+    """
+)
+_COMMITTED_MATCHES_SOLD = text(
+    """
+    WITH committed AS (
+        SELECT sku, SUM(quantity) AS quantity FROM reservations
+        WHERE status IN ('committed', 'returned') GROUP BY sku
+    ), sold AS (
+        SELECT i.sku, SUM(i.quantity) AS quantity FROM order_items i
+        JOIN orders o ON o.id = i.order_id AND o.status IN ('paid', 'refunded')
+        GROUP BY i.sku
+    )
+    SELECT COALESCE(c.sku, s.sku) AS sku, COALESCE(c.quantity, 0) AS committed,
+           COALESCE(s.quantity, 0) AS sold
+    FROM committed c FULL JOIN sold s ON s.sku = c.sku
+    WHERE COALESCE(c.quantity, 0) <> COALESCE(s.quantity, 0)
+    """
+)
+_SUCCEEDED_ON_UNPAID = text(
+    """
+    SELECT p.payment_intent_id, o.id AS order_id, o.status FROM payments p
+    JOIN orders o ON o.id = p.order_id
+    WHERE p.status = 'succeeded' AND o.status NOT IN ('paid', 'refunded')
+    """
+)
+_FINAL_WITH_ACTIVE = text(
+    """
+    SELECT o.id AS order_id, o.status, r.sku, r.quantity FROM orders o
+    JOIN reservations r ON r.checkout_id = o.checkout_id AND r.status = 'active'
+    WHERE o.status IN ('paid', 'cancelled', 'expired', 'refunded')
+    """
+)
+_INTENTS_OF_UNPAID = text(
+    """
+    SELECT p.payment_intent_id, o.id AS order_id, o.status FROM payments p
+    JOIN orders o ON o.id = p.order_id WHERE o.status NOT IN ('paid', 'refunded')
+    """
+)
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str
+    detail: str
+
+
+# Each database rule: its name, the query listing its violations, how to describe one.
+_RULES: list[tuple[str, Any, Callable[[Any], str]]] = [
+    (
+        "reserved_matches_active",
+        _RESERVED_MATCHES_ACTIVE,
+        lambda r: f"{r.sku}: reserved={r.reserved} active={r.active}",
+    ),
+    (
+        "committed_matches_sold",
+        _COMMITTED_MATCHES_SOLD,
+        lambda r: f"{r.sku}: committed={r.committed} sold={r.sold}",
+    ),
+    (
+        "succeeded_intent_on_unpaid_order",
+        _SUCCEEDED_ON_UNPAID,
+        lambda r: f"{r.payment_intent_id} on order {r.order_id} ({r.status})",
+    ),
+    (
+        "final_order_with_active_reservation",
+        _FINAL_WITH_ACTIVE,
+        lambda r: f"order {r.order_id} ({r.status}) holds {r.quantity} x {r.sku}",
+    ),
+]
+
+
+async def check(sessions: SessionFactory, stripe: StripeGateway | None = None) -> list[Violation]:
+    found: list[Violation] = []
+    async with sessions() as session:
+        for rule, query, describe in _RULES:
+            found += [Violation(rule, describe(row)) for row in await session.execute(query)]
+        unpaid = (await session.execute(_INTENTS_OF_UNPAID)).all() if stripe else []
+    if stripe is not None:
+        # Stripe's word, not our copy of it: a succeeded intent on an order that is not paid
+        # means money kept without a sale.
+        for row in unpaid:
+            intent = await stripe.retrieve_intent(row.payment_intent_id)
+            if intent.status == "succeeded" and intent.amount_refunded < intent.amount:
+                found.append(
+                    Violation(
+                        "succeeded_intent_on_unpaid_order",
+                        f"{row.payment_intent_id} (Stripe) on order {row.order_id} ({row.status})",
+                    )
+                )
+    return found
+
+
+async def _main() -> int:
+    settings = Settings()
+    engine = create_engine(settings)
+    try:
+        violations = await check(create_session_factory(engine), create_gateway(settings))
+    finally:
+        await engine.dispose()
+    for violation in violations:
+        print(f"{violation.rule}: {violation.detail}")
+    print(f"{len(violations)} violation(s)")
+    return 1 if violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(_main()))

@@ -1,0 +1,261 @@
+"""The stock ledger: reserve, commit and release stock for a checkout, each one transaction.
+
+Correctness does not rest on this code alone: the `stock` table's CHECK constraints refuse any
+row with `reserved > on_hand` or `reserved < 0`. The code's job is to never try, and to never
+deadlock: every operation locks the `stock` rows it touches in ascending SKU order, so two
+transactions over the same SKUs always queue on the first one instead of waiting on each other.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.db import SessionFactory
+from core.errors import InsufficientStock, InvalidState, NotFound, UnknownSku
+
+ACTIVE = "active"
+COMMITTED = "committed"
+RELEASED = "released"
+RETURNED = "returned"
+
+
+@dataclass(frozen=True)
+class ReservedLine:
+    sku: str
+    quantity: int
+
+
+@dataclass(frozen=True)
+class ReservationResult:
+    checkout_id: uuid.UUID
+    status: str
+    lines: tuple[ReservedLine, ...]
+    expires_at: datetime | None
+
+
+def merge_lines(lines: Iterable[tuple[str, int]] | Mapping[str, int]) -> dict[str, int]:
+    """Sum the quantities of lines with the same SKU; the result is sorted by SKU."""
+    pairs = lines.items() if isinstance(lines, Mapping) else lines
+    merged: dict[str, int] = {}
+    for sku, quantity in pairs:
+        if quantity <= 0:
+            raise ValueError(f"quantity for {sku} must be positive, got {quantity}")
+        merged[sku] = merged.get(sku, 0) + quantity
+    if not merged:
+        raise ValueError("a reservation needs at least one line")
+    return dict(sorted(merged.items()))
+
+
+# Locks the stock rows in SKU order: the ORDER BY runs below the row-locking step, so rows are
+# locked in sorted order and concurrent multi-SKU transactions cannot deadlock.
+_LOCK_STOCK = text(
+    "SELECT sku, on_hand, reserved FROM stock WHERE sku = ANY(:skus) ORDER BY sku FOR UPDATE"
+)
+_RESERVATIONS = (
+    "SELECT sku, quantity, status, expires_at FROM reservations"
+    " WHERE checkout_id = :checkout_id ORDER BY sku"
+)
+_SELECT_RESERVATIONS = text(_RESERVATIONS)
+_LOCK_RESERVATIONS = text(_RESERVATIONS + " FOR UPDATE")
+_ADD_RESERVED = text(
+    "UPDATE stock SET reserved = stock.reserved + v.quantity, updated_at = now()"
+    " FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)"
+    " WHERE stock.sku = v.sku"
+)
+_INSERT_RESERVATIONS = text(
+    "INSERT INTO reservations (checkout_id, sku, quantity, status, expires_at)"
+    " SELECT :checkout_id, v.sku, v.quantity, 'active', :expires_at"
+    " FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)"
+)
+_COMMIT_STOCK = text(
+    "UPDATE stock SET on_hand = stock.on_hand - v.quantity,"
+    " reserved = stock.reserved - v.quantity, updated_at = now()"
+    " FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)"
+    " WHERE stock.sku = v.sku"
+)
+_RELEASE_STOCK = text(
+    "UPDATE stock SET reserved = stock.reserved - v.quantity, updated_at = now()"
+    " FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)"
+    " WHERE stock.sku = v.sku"
+)
+_RETURN_STOCK = text(
+    "UPDATE stock SET on_hand = stock.on_hand + v.quantity, updated_at = now()"
+    " FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)"
+    " WHERE stock.sku = v.sku"
+)
+_SET_STATUS = text(
+    "UPDATE reservations SET status = :target, updated_at = now()"
+    " WHERE checkout_id = :checkout_id AND status = :source"
+)
+
+
+def _not_in(result: ReservationResult, expected: str) -> InvalidState:
+    return InvalidState(
+        f"reservation for checkout {result.checkout_id} is {result.status}, not {expected}",
+        details={"checkout_id": str(result.checkout_id), "status": result.status},
+    )
+
+
+class StockLedger:
+    def __init__(self, sessions: SessionFactory) -> None:
+        self._sessions = sessions
+
+    async def reserve(
+        self,
+        checkout_id: uuid.UUID,
+        lines: Iterable[tuple[str, int]] | Mapping[str, int],
+        *,
+        expires_at: datetime | None = None,
+    ) -> ReservationResult:
+        """Reserve every line or none.
+
+        A retry with the same checkout id changes nothing and returns what the first call
+        reserved, whatever became of it since (committed or released).
+        Raises `UnknownSku` or `InsufficientStock` (with requested/available per SKU).
+        """
+        wanted = merge_lines(lines)
+        skus = list(wanted)
+        async with self._sessions.begin() as session:
+            stock = {row.sku: row for row in await session.execute(_LOCK_STOCK, {"skus": skus})}
+            # Checked under the stock locks: a concurrent duplicate call has either committed
+            # (and we see its rows now) or has not started reserving.
+            existing = await self._lines(session, checkout_id, lock=False)
+            if existing is not None:
+                return existing
+
+            missing = [sku for sku in skus if sku not in stock]
+            if missing:
+                raise UnknownSku(missing)
+            shortages = [
+                {
+                    "sku": sku,
+                    "requested": quantity,
+                    "available": max(stock[sku].on_hand - stock[sku].reserved, 0),
+                }
+                for sku, quantity in wanted.items()
+                if stock[sku].on_hand - stock[sku].reserved < quantity
+            ]
+            if shortages:
+                raise InsufficientStock(shortages)
+
+            params = {
+                "checkout_id": checkout_id,
+                "skus": skus,
+                "quantities": list(wanted.values()),
+                "expires_at": expires_at,
+            }
+            await session.execute(_ADD_RESERVED, params)
+            await session.execute(_INSERT_RESERVATIONS, params)
+        return ReservationResult(
+            checkout_id=checkout_id,
+            status=ACTIVE,
+            lines=tuple(ReservedLine(sku, q) for sku, q in wanted.items()),
+            expires_at=expires_at,
+        )
+
+    async def commit(
+        self, checkout_id: uuid.UUID, *, session: AsyncSession | None = None
+    ) -> ReservationResult:
+        """Turn the checkout's reservation into a sale: on_hand and reserved drop together.
+
+        Idempotent. Raises `InvalidState` if the reservation was released (the stock may have
+        been sold to someone else since) and `NotFound` if there is none. With `session`, runs
+        inside the caller's transaction (the order moves to `paid` in the same one).
+        """
+        if session is not None:
+            return await self._commit(session, checkout_id)
+        async with self._sessions.begin() as own:
+            return await self._commit(own, checkout_id)
+
+    async def _commit(self, session: AsyncSession, checkout_id: uuid.UUID) -> ReservationResult:
+        result = await self._move(session, checkout_id, ACTIVE, COMMITTED, _COMMIT_STOCK)
+        if result.status != COMMITTED:
+            raise _not_in(result, "active")
+        return result
+
+    async def release(
+        self, checkout_id: uuid.UUID, *, session: AsyncSession | None = None
+    ) -> ReservationResult:
+        """Give the reserved stock back. Idempotent; a committed reservation is never released.
+
+        Returns the reservation as it now is: `released`, or `committed` if it was sold. A
+        checkout that never reserved anything has nothing to release (status `released`).
+        """
+        if session is not None:
+            return await self._release(session, checkout_id)
+        async with self._sessions.begin() as own:
+            return await self._release(own, checkout_id)
+
+    async def _release(self, session: AsyncSession, checkout_id: uuid.UUID) -> ReservationResult:
+        try:
+            # A committed reservation comes back as it is: the sale stands.
+            return await self._move(session, checkout_id, ACTIVE, RELEASED, _RELEASE_STOCK)
+        except NotFound:
+            return ReservationResult(checkout_id, RELEASED, (), None)
+
+    async def restock(self, checkout_id: uuid.UUID, *, session: AsyncSession) -> ReservationResult:
+        """Put a refunded sale's units back on hand, once: committed -> returned.
+
+        Runs inside the caller's transaction (the order becomes `refunded` in the same one).
+        Raises `InvalidState` unless the reservation was committed (or already returned).
+        """
+        result = await self._move(session, checkout_id, COMMITTED, RETURNED, _RETURN_STOCK)
+        if result.status != RETURNED:
+            raise _not_in(result, "sold")
+        return result
+
+    async def get(self, checkout_id: uuid.UUID) -> ReservationResult | None:
+        async with self._sessions() as session:
+            return await self._lines(session, checkout_id, lock=False)
+
+    async def _move(
+        self,
+        session: AsyncSession,
+        checkout_id: uuid.UUID,
+        source: str,
+        target: str,
+        stock_update: Any,
+    ) -> ReservationResult:
+        """Move the checkout's reservation from `source` to `target` with its stock update.
+
+        Returns it unchanged if it is in any other status (already `target` included): the
+        caller decides what that means.
+        """
+        current = await self._lines(session, checkout_id, lock=True)
+        if current is None:
+            raise NotFound(f"no reservation for checkout {checkout_id}")
+        if current.status != source:
+            return current
+        skus = [line.sku for line in current.lines]
+        await session.execute(_LOCK_STOCK, {"skus": skus})
+        await session.execute(
+            stock_update,
+            {"skus": skus, "quantities": [line.quantity for line in current.lines]},
+        )
+        await session.execute(
+            _SET_STATUS, {"checkout_id": checkout_id, "source": source, "target": target}
+        )
+        return ReservationResult(checkout_id, target, current.lines, current.expires_at)
+
+    @staticmethod
+    async def _lines(
+        session: AsyncSession, checkout_id: uuid.UUID, *, lock: bool
+    ) -> ReservationResult | None:
+        query = _LOCK_RESERVATIONS if lock else _SELECT_RESERVATIONS
+        rows = (await session.execute(query, {"checkout_id": checkout_id})).all()
+        if not rows:
+            return None
+        # All lines of one checkout move together, so they share one status.
+        return ReservationResult(
+            checkout_id=checkout_id,
+            status=rows[0].status,
+            lines=tuple(ReservedLine(row.sku, row.quantity) for row in rows),
+            expires_at=rows[0].expires_at,
+        )

@@ -1,0 +1,369 @@
+"""Orders, their payments and their timeline. Status changes only ever move forward.
+
+`pending_payment` -> `paid` | `cancelled` | `expired`; `paid` -> `refunded`. Each change, its
+stock movement, its timeline entry and its outbox message are one transaction, so an order in a
+final state never has an active reservation, and no event is announced that did not happen.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.catalog import PricedCart
+from core.db import SessionFactory
+from core.errors import NotFound
+from core.ledger import StockLedger
+from core.models import Order, OrderEvent, OrderItem, OutboxMessage, Payment
+
+PENDING = "pending_payment"
+PAID = "paid"
+CANCELLED = "cancelled"
+EXPIRED = "expired"
+REFUNDED = "refunded"
+FINAL = frozenset({CANCELLED, EXPIRED, REFUNDED})
+
+
+@dataclass(frozen=True)
+class NewOrder:
+    checkout_id: uuid.UUID
+    order_id: uuid.UUID
+    customer_email: str
+    customer_user_id: str | None
+    cart: PricedCart
+    metadata: dict[str, Any]
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class OrderView:
+    order: Order
+    items: list[OrderItem]
+    payment: Payment | None
+    events: list[OrderEvent]
+
+
+async def add_event(
+    session: AsyncSession, order_id: uuid.UUID, type: str, data: dict[str, Any], dedupe_key: str
+) -> bool:
+    """Append to the order's timeline once per `dedupe_key`; True if it was new."""
+    result = await session.execute(
+        insert(OrderEvent)
+        .values(order_id=order_id, type=type, data=data, dedupe_key=dedupe_key)
+        .on_conflict_do_nothing(index_elements=["dedupe_key"])
+        .returning(OrderEvent.id)
+    )
+    return result.scalar_one_or_none() is not None
+
+
+async def add_outbox(
+    session: AsyncSession, topic: str, order_id: uuid.UUID, payload: dict[str, Any], key: str
+) -> None:
+    await session.execute(
+        insert(OutboxMessage)
+        .values(topic=topic, aggregate_id=str(order_id), payload=payload, dedupe_key=key)
+        .on_conflict_do_nothing(index_elements=["dedupe_key"])
+    )
+
+
+class OrderStore:
+    def __init__(self, sessions: SessionFactory, ledger: StockLedger) -> None:
+        self._sessions = sessions
+        self._ledger = ledger
+
+    async def create(self, new: NewOrder) -> bool:
+        """Create the order with its item snapshots; a retry changes nothing. True if new."""
+        cart = new.cart
+        async with self._sessions.begin() as session:
+            inserted = await session.execute(
+                insert(Order)
+                .values(
+                    id=new.order_id,
+                    checkout_id=new.checkout_id,
+                    status=PENDING,
+                    customer_email=new.customer_email,
+                    customer_user_id=new.customer_user_id,
+                    currency=cart.currency,
+                    subtotal=cart.subtotal,
+                    discount=0,
+                    tax=0,
+                    shipping=0,
+                    total=cart.subtotal,
+                    metadata_=new.metadata,
+                    expires_at=new.expires_at,
+                )
+                .on_conflict_do_nothing(index_elements=["checkout_id"])
+                .returning(Order.id)
+            )
+            if inserted.scalar_one_or_none() is None:
+                return False
+            await session.execute(
+                insert(OrderItem),
+                [
+                    {
+                        "order_id": new.order_id,
+                        "sku": line.sku,
+                        "name": line.name,
+                        "unit_price": line.unit_price,
+                        "quantity": line.quantity,
+                        "line_total": line.line_total,
+                        # The product as sold; the catalog may change afterwards.
+                        "product_snapshot": {
+                            "sku": line.sku,
+                            "name": line.name,
+                            "unit_price": line.unit_price,
+                            "currency": cart.currency,
+                        },
+                    }
+                    for line in cart.lines
+                ],
+            )
+            lines = [{"sku": line.sku, "quantity": line.quantity} for line in cart.lines]
+            totals = {"total": cart.subtotal, "currency": cart.currency}
+            await session.execute(
+                insert(OrderEvent),
+                [
+                    {
+                        "order_id": new.order_id,
+                        "type": "stock_reserved",
+                        "data": {"lines": lines},
+                        "dedupe_key": f"{new.order_id}:reserved",
+                    },
+                    {
+                        "order_id": new.order_id,
+                        "type": "order_created",
+                        "data": totals,
+                        "dedupe_key": f"{new.order_id}:created",
+                    },
+                ],
+            )
+            await add_outbox(
+                session,
+                "order.created",
+                new.order_id,
+                {"order_id": str(new.order_id), "checkout_id": str(new.checkout_id), **totals},
+                f"{new.order_id}:order.created",
+            )
+        return True
+
+    async def attach_payment(
+        self, order_id: uuid.UUID, *, intent_id: str, status: str, amount: int, currency: str
+    ) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(
+                insert(Payment)
+                .values(
+                    order_id=order_id,
+                    provider="stripe",
+                    payment_intent_id=intent_id,
+                    status=status,
+                    amount=amount,
+                    currency=currency,
+                )
+                .on_conflict_do_nothing(index_elements=["payment_intent_id"])
+            )
+            await add_event(
+                session,
+                order_id,
+                "payment_intent_created",
+                {"payment_intent_id": intent_id, "amount": amount, "currency": currency},
+                f"{order_id}:intent:{intent_id}",
+            )
+
+    async def record_event(
+        self, order_id: uuid.UUID, type: str, data: dict[str, Any], dedupe_key: str
+    ) -> bool:
+        async with self._sessions.begin() as session:
+            return await add_event(session, order_id, type, data, dedupe_key)
+
+    async def mark_paid(
+        self,
+        checkout_id: uuid.UUID,
+        order_id: uuid.UUID,
+        *,
+        intent_id: str,
+        intent_status: str,
+        amount: int,
+        currency: str,
+    ) -> str:
+        """Commit the stock and mark the order paid, in one transaction; idempotent.
+
+        Returns the order's status afterwards: `paid`, or the final status it already had (a
+        payment that arrived after the order closed is not applied here).
+        """
+        async with self._sessions.begin() as session:
+            order = await self._lock(session, order_id)
+            if order.status != PENDING:
+                return order.status
+            await self._ledger.commit(checkout_id, session=session)
+            order.status = PAID
+            await session.execute(
+                update(Payment)
+                .where(Payment.payment_intent_id == intent_id)
+                .values(status=intent_status)
+            )
+            await add_event(
+                session,
+                order_id,
+                PAID,
+                {"payment_intent_id": intent_id, "amount": amount, "currency": currency},
+                f"{order_id}:paid",
+            )
+            await add_outbox(
+                session,
+                "order.paid",
+                order_id,
+                {"order_id": str(order_id), "amount": amount, "currency": currency},
+                f"{order_id}:order.paid",
+            )
+        return PAID
+
+    async def close(
+        self,
+        checkout_id: uuid.UUID,
+        order_id: uuid.UUID,
+        *,
+        status: str,
+        reason: str,
+        intent_status: str | None = None,
+    ) -> str:
+        """Release the stock and close a pending order as `cancelled` or `expired`, in one
+        transaction; idempotent. Without an order (it was never created), only releases.
+
+        Returns the order's status afterwards (a paid order stays paid).
+        """
+        assert status in (CANCELLED, EXPIRED)
+        async with self._sessions.begin() as session:
+            order = await session.get(Order, order_id, with_for_update=True)
+            if order is not None and order.status != PENDING:
+                return order.status
+            await self._ledger.release(checkout_id, session=session)
+            if order is None:
+                return CANCELLED
+            order.status = status
+            if intent_status is not None:
+                await session.execute(
+                    update(Payment).where(Payment.order_id == order_id).values(status=intent_status)
+                )
+            await add_event(session, order_id, "stock_released", {}, f"{order_id}:released")
+            await add_event(session, order_id, status, {"reason": reason}, f"{order_id}:{status}")
+            await add_outbox(
+                session,
+                f"order.{status}",
+                order_id,
+                {"order_id": str(order_id), "reason": reason},
+                f"{order_id}:order.{status}",
+            )
+        return status
+
+    async def mark_refunded(
+        self, order_id: uuid.UUID, *, refunded_amount: int, source: str, reference: str
+    ) -> str:
+        """Record a refund of the order's payment, in one transaction; idempotent.
+
+        A full refund makes a paid order `refunded` and puts its units back on hand, once. A
+        partial one is recorded on the timeline and returns no stock. Out-of-order news never
+        moves an order backwards: anything but a paid order only gets the timeline entry.
+        Returns the order's status afterwards.
+        """
+        async with self._sessions.begin() as session:
+            order = await self._lock(session, order_id)
+            payment = await session.scalar(
+                select(Payment).where(Payment.order_id == order_id).with_for_update()
+            )
+            if payment is not None and refunded_amount > payment.amount_refunded:
+                payment.amount_refunded = min(refunded_amount, payment.amount)
+            full = payment is not None and refunded_amount >= payment.amount
+            data = {"amount_refunded": refunded_amount, "source": source, "reference": reference}
+            if not full:
+                await add_event(
+                    session, order_id, "partially_refunded", data, f"{order_id}:refund:{reference}"
+                )
+                return order.status
+            if order.status == PAID:
+                await self._ledger.restock(order.checkout_id, session=session)
+                order.status = REFUNDED
+                assert payment is not None
+                payment.status = "refunded"
+                await add_outbox(
+                    session,
+                    "order.refunded",
+                    order_id,
+                    {"order_id": str(order_id), "amount": refunded_amount},
+                    f"{order_id}:order.refunded",
+                )
+            if order.status == REFUNDED:
+                await add_event(session, order_id, REFUNDED, data, f"{order_id}:refunded")
+            return order.status
+
+    async def record_late_refund(
+        self, order_id: uuid.UUID, *, intent_id: str, amount: int, refund_id: str
+    ) -> None:
+        """A payment that arrived after the order closed was refunded: say so, once."""
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(Payment)
+                .where(Payment.payment_intent_id == intent_id)
+                .values(status="refunded", amount_refunded=amount)
+            )
+            await add_event(
+                session,
+                order_id,
+                "late_payment_refunded",
+                {"payment_intent_id": intent_id, "amount": amount, "refund_id": refund_id},
+                f"{order_id}:late-refund:{intent_id}",
+            )
+
+    async def find_by_intent(self, intent_id: str) -> tuple[uuid.UUID, str] | None:
+        """The order (id, status) a PaymentIntent belongs to, if it is ours."""
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(Order.id, Order.status)
+                    .join(Payment, Payment.order_id == Order.id)
+                    .where(Payment.payment_intent_id == intent_id)
+                )
+            ).one_or_none()
+        return (row.id, row.status) if row else None
+
+    async def get(self, order_id: uuid.UUID) -> OrderView:
+        async with self._sessions() as session:
+            order = await session.get(Order, order_id)
+            if order is None:
+                raise NotFound(f"no order {order_id}", details={"order_id": str(order_id)})
+            items = list(
+                await session.scalars(
+                    select(OrderItem).where(OrderItem.order_id == order_id).order_by(OrderItem.sku)
+                )
+            )
+            payment = await session.scalar(
+                select(Payment).where(Payment.order_id == order_id).order_by(Payment.id.desc())
+            )
+            events = list(
+                await session.scalars(
+                    select(OrderEvent)
+                    .where(OrderEvent.order_id == order_id)
+                    .order_by(OrderEvent.at, OrderEvent.id)
+                )
+            )
+        return OrderView(order, items, payment, events)
+
+    async def status(self, order_id: uuid.UUID) -> str:
+        async with self._sessions() as session:
+            status = await session.scalar(select(Order.status).where(Order.id == order_id))
+        if status is None:
+            raise NotFound(f"no order {order_id}", details={"order_id": str(order_id)})
+        return status
+
+    @staticmethod
+    async def _lock(session: AsyncSession, order_id: uuid.UUID) -> Order:
+        order = await session.get(Order, order_id, with_for_update=True)
+        if order is None:
+            raise NotFound(f"no order {order_id}", details={"order_id": str(order_id)})
+        return order

@@ -1,0 +1,236 @@
+"""The real stack for end-to-end tests, in this process where it can be: the API served by
+uvicorn on a real port, the worker with the real activities, the Stripe stand-in as its own
+process sending signed webhooks to the API; PostgreSQL and Temporal from the session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import httpx
+import uvicorn
+from aiohttp import web
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from api.app import create_app
+from api.deps import Services
+from core.db import create_engine, create_session_factory
+from core.settings import Settings
+from core.temporal import connect
+from tests.conftest import PROJECT_ROOT, free_port
+from worker import build_worker
+
+GOOD_CARD = "4242424242424242"
+DECLINED_CARD = "4000000000000341"
+
+
+class StripeStandIn:
+    """The stand-in as a customer's browser and a test would use it."""
+
+    def __init__(self, port: int, secret_key: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.http = httpx.AsyncClient(base_url=self.base, auth=(secret_key, ""), timeout=10)
+
+    async def pay(self, intent_id: str, card: str = GOOD_CARD) -> httpx.Response:
+        """Confirm the PaymentIntent with a card, as Stripe.js would for the customer."""
+        method = await self.http.post(
+            "/v1/payment_methods",
+            data={
+                "type": "card",
+                "card[number]": card,
+                "card[exp_month]": "12",
+                "card[exp_year]": "2034",
+                "card[cvc]": "123",
+            },
+        )
+        method.raise_for_status()
+        return await self.http.post(
+            f"/v1/payment_intents/{intent_id}/confirm", data={"payment_method": method.json()["id"]}
+        )
+
+    async def intent(self, intent_id: str) -> dict[str, Any]:
+        response = await self.http.get(f"/v1/payment_intents/{intent_id}")
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    async def intents(self) -> list[dict[str, Any]]:
+        response = await self.http.get("/v1/payment_intents", params={"limit": 100})
+        response.raise_for_status()
+        return response.json()["data"]  # type: ignore[no-any-return]
+
+    async def events(self, type: str) -> list[dict[str, Any]]:
+        response = await self.http.get("/v1/events", params={"type": type, "limit": 100})
+        response.raise_for_status()
+        return response.json()["data"]  # type: ignore[no-any-return]
+
+
+class FaultyStripe:
+    """A proxy in front of the stand-in that the service talks to: passes requests through,
+    or answers them all 503, or drops their connections, as a test says."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.mode = "pass"  # pass | 503 | drop
+        self.refused = 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.mode != "pass":
+            self.refused += 1
+            if self.mode == "drop" and request.transport is not None:
+                request.transport.close()
+            return web.json_response(
+                {"error": {"type": "api_error", "message": "injected outage"}}, status=503
+            )
+        assert self._http is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with self._http.request(
+            request.method,
+            self.upstream + request.path_qs,
+            headers=headers,
+            data=await request.read(),
+        ) as upstream:
+            body = await upstream.read()
+            return web.Response(status=upstream.status, body=body, content_type="application/json")
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
+
+
+def sign(payload: bytes, secret: str, timestamp: int | None = None) -> str:
+    """A Stripe-Signature header for `payload`, as Stripe computes it."""
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + payload, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    app: FastAPI
+    api: httpx.AsyncClient
+    stripe: StripeStandIn
+    stripe_proxy: FaultyStripe
+
+    @property
+    def services(self) -> Services:
+        services: Services = self.app.state.services
+        return services
+
+    async def post_webhook(
+        self, event: dict[str, Any], *, signature: str | None = None
+    ) -> httpx.Response:
+        payload = json.dumps(event).encode()
+        secret = self.settings.stripe_webhook_secret.get_secret_value()
+        headers = {
+            "Content-Type": "application/json",
+            "Stripe-Signature": signature or sign(payload, secret),
+        }
+        return await self.api.post("/webhooks/stripe", content=payload, headers=headers)
+
+    async def wait_for_order(
+        self, order_id: str, status: str, timeout: float = 20
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            order = (await self.api.get(f"/orders/{order_id}")).json()
+            if order.get("status") == status or time.monotonic() > deadline:
+                assert order.get("status") == status, order
+                return order  # type: ignore[no-any-return]
+            await asyncio.sleep(0.1)
+
+
+def stack_settings(settings: Settings, name: str, temporal_address: str, **more: Any) -> Settings:
+    """Settings for one stack of the tests: its own task queue and Stripe credentials."""
+    return settings.model_copy(
+        update={
+            "temporal_address": temporal_address,
+            "temporal_task_queue": f"{name}-{uuid.uuid4()}",
+            "stripe_secret_key": SecretStr(f"sk_test_{name}"),
+            "stripe_webhook_secret": SecretStr(f"whsec_{name}_secret"),
+            **more,
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    settings: Settings, *, in_process_worker: bool = True
+) -> AsyncIterator[Stack]:
+    api_port, stripe_port = free_port(), free_port()
+    secret = settings.stripe_webhook_secret.get_secret_value()
+    standin = subprocess.Popen(
+        [
+            sys.executable, "-m", "core.dev.stripe_standin",
+            "--port", str(stripe_port),
+            "--webhook-url", f"http://127.0.0.1:{api_port}/webhooks/stripe",
+            "--webhook-secret", secret,
+        ],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    # The service reaches the stand-in through a proxy that tests can break.
+    proxy = FaultyStripe(f"http://127.0.0.1:{stripe_port}")
+    await proxy.start()
+    settings = settings.model_copy(update={"stripe_api_base": proxy.url, "api_port": api_port})
+    engine = create_engine(settings)
+    client = await connect(settings)
+    worker = build_worker(settings, client, create_session_factory(engine))
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=api_port, log_level="warning", lifespan="on")
+    )
+    serving = asyncio.create_task(server.serve())
+    stripe = StripeStandIn(stripe_port, settings.stripe_secret_key.get_secret_value())
+    try:
+        async with (
+            worker if in_process_worker else contextlib.AsyncExitStack(),
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=60) as api,
+        ):
+            deadline = time.monotonic() + 30
+            while not server.started or standin.poll() is not None:
+                assert time.monotonic() < deadline and standin.poll() is None, "stack did not start"
+                await asyncio.sleep(0.05)
+            while True:
+                try:
+                    await stripe.http.get("/v1/balance")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "stand-in did not start"
+                    await asyncio.sleep(0.1)
+            yield Stack(settings, app, api, stripe, proxy)
+    finally:
+        server.should_exit = True
+        await serving
+        await stripe.http.aclose()
+        await proxy.stop()
+        await engine.dispose()
+        standin.terminate()
+        standin.wait(10)

@@ -1,0 +1,124 @@
+"""Payloads of the checkout workflow: its input, updates, signals, query and result.
+
+Pydantic models carried by Temporal's pydantic data converter. Fields are only ever added
+(with defaults), so that checkouts already running keep decoding.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Customer(BaseModel):
+    email: str
+    user_id: str | None = None
+
+
+class CartItem(BaseModel):
+    sku: str
+    quantity: int
+
+
+class CheckoutInput(BaseModel):
+    checkout_id: uuid.UUID
+    order_id: uuid.UUID
+    customer: Customer
+    items: list[CartItem]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    # Fixed at start, so that changing CHECKOUT_PAYMENT_TIMEOUT never alters a running checkout.
+    payment_timeout_seconds: int
+    # sha256 of the request body: the same Idempotency-Key with another body is refused.
+    request_fingerprint: str
+
+
+class LineOut(BaseModel):
+    sku: str
+    name: str
+    unit_price: int
+    quantity: int
+    line_total: int
+
+
+class Totals(BaseModel):
+    subtotal: int
+    discount: int = 0
+    tax: int = 0
+    shipping: int = 0
+    total: int
+
+
+class PaymentOut(BaseModel):
+    provider: str = "stripe"
+    payment_intent_id: str
+    client_secret: str | None
+    status: str
+
+
+class CheckoutCreated(BaseModel):
+    """What `POST /checkout` answers once stock, order and PaymentIntent exist."""
+
+    checkout_id: uuid.UUID
+    order_id: uuid.UUID
+    status: str
+    currency: str
+    items: list[LineOut]
+    totals: Totals
+    payment: PaymentOut
+    expires_at: datetime
+
+
+class CheckoutFailure(BaseModel):
+    """Why a checkout was refused: an `ErrorCode`, a sentence, details."""
+
+    code: str
+    message: str
+    details: Any = None
+
+
+class StartResult(BaseModel):
+    """The answer of the `start` update: the checkout, or why it was refused."""
+
+    created: CheckoutCreated | None = None
+    failure: CheckoutFailure | None = None
+    # True for the request that started the checkout; duplicates get False.
+    first: bool = False
+
+
+class PaymentEvent(BaseModel):
+    """A Stripe event about this checkout's PaymentIntent, signalled by the webhook route."""
+
+    event_id: str
+    type: str
+    payment_intent_id: str
+    status: str
+    amount: int
+    currency: str
+    message: str | None = None
+
+
+class PaymentAttempt(BaseModel):
+    event_id: str
+    at: datetime
+    outcome: str
+    message: str | None = None
+
+
+class CheckoutState(BaseModel):
+    """The live state of the saga (the `state` query, `GET /checkouts/{id}`)."""
+
+    checkout_id: uuid.UUID
+    order_id: uuid.UUID
+    status: str
+    expires_at: datetime | None = None
+    payment_attempts: list[PaymentAttempt] = Field(default_factory=list)
+    request_fingerprint: str
+    start: StartResult | None = None
+
+
+class CancelResult(BaseModel):
+    order_id: uuid.UUID
+    status: str

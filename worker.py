@@ -8,12 +8,11 @@ import signal
 from collections.abc import Sequence
 from datetime import timedelta
 
+import uvloop
 from temporalio.client import Client
-from temporalio.worker import Interceptor, Worker
+from temporalio.worker import Interceptor, UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from activities.catalog import CatalogActivities
-from activities.inventory import InventoryActivities
 from activities.orders import OrderActivities
 from activities.payments import PaymentActivities
 from activities.refunds import RefundActivities
@@ -35,10 +34,7 @@ def build_worker(
     sessions: SessionFactory,
     interceptors: Sequence[Interceptor] = (),
 ) -> Worker:
-    ledger = StockLedger(sessions)
-    orders = OrderStore(sessions, ledger)
-    catalog = CatalogActivities(sessions)
-    inventory = InventoryActivities(ledger)
+    orders = OrderStore(sessions, StockLedger(sessions))
     order_activities = OrderActivities(orders)
     gateway = create_gateway(settings)
     payments = PaymentActivities(gateway, orders)
@@ -48,10 +44,7 @@ def build_worker(
         task_queue=settings.temporal_task_queue,
         workflows=[CheckoutWorkflow, RefundWorkflow, LatePaymentWorkflow],
         activities=[
-            catalog.price_cart,
-            inventory.reserve_stock,
-            inventory.release_stock,
-            order_activities.create_order,
+            order_activities.open_order,
             order_activities.close_order,
             order_activities.record_order_event,
             payments.create_payment_intent,
@@ -62,12 +55,17 @@ def build_worker(
         ],
         graceful_shutdown_timeout=timedelta(seconds=10),
         interceptors=interceptors,
-        # The sandbox still isolates workflow state and refuses non-deterministic calls, but
-        # no longer re-imports every library module for each new checkout: libraries are
-        # stateless here, and re-importing them cost more worker CPU than the saga itself.
-        workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_all_modules()
-        ),
+        workflow_runner=workflow_runner(settings),
+    )
+
+
+def workflow_runner(settings: Settings) -> WorkflowRunner:
+    if not settings.temporal_workflow_sandbox:
+        return UnsandboxedWorkflowRunner()
+    # Libraries are stateless here: passing them through saves re-importing each of them for
+    # every new checkout, while the workflow module itself stays isolated and checked.
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_all_modules()
     )
 
 
@@ -91,4 +89,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    uvloop.run(main())

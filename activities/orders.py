@@ -1,4 +1,4 @@
-"""Order activities: create, pay, close and annotate orders; each idempotent by order id."""
+"""Order activities: open, close and annotate orders; each idempotent by checkout or order id."""
 
 from __future__ import annotations
 
@@ -8,20 +8,44 @@ from typing import Any
 
 from pydantic import BaseModel
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
-from activities.catalog import PricedCartOut
-from core.catalog import PricedCart, PricedLine
+from core.catalog import PricedCart
+from core.errors import CART_REFUSALS, ServiceError
 from core.orders import NewOrder, OrderStore
-from workflows.models import Customer
+from workflows.models import CartItem, Customer, LineOut
 
 
-class CreateOrderInput(BaseModel):
+class OpenOrderInput(BaseModel):
     checkout_id: uuid.UUID
     order_id: uuid.UUID
     customer: Customer
-    cart: PricedCartOut
+    items: list[CartItem]
     metadata: dict[str, Any]
     expires_at: datetime
+
+
+class PricedCartOut(BaseModel):
+    currency: str
+    lines: list[LineOut]
+    subtotal: int
+
+    @classmethod
+    def of(cls, cart: PricedCart) -> PricedCartOut:
+        return cls(
+            currency=cart.currency,
+            lines=[
+                LineOut(
+                    sku=line.sku,
+                    name=line.name,
+                    unit_price=line.unit_price,
+                    quantity=line.quantity,
+                    line_total=line.line_total,
+                )
+                for line in cart.lines
+            ],
+            subtotal=cart.subtotal,
+        )
 
 
 class CloseOrderInput(BaseModel):
@@ -43,27 +67,33 @@ class OrderActivities:
     def __init__(self, orders: OrderStore) -> None:
         self._orders = orders
 
-    @activity.defn(name="create_order")
-    async def create_order(self, input: CreateOrderInput) -> bool:
-        """Create the pending order with price and product snapshots; True if new."""
-        cart = PricedCart(
-            currency=input.cart.currency,
-            lines=tuple(
-                PricedLine(line.sku, line.name, line.unit_price, line.quantity)
-                for line in input.cart.lines
-            ),
-        )
-        return await self._orders.create(
-            NewOrder(
-                checkout_id=input.checkout_id,
-                order_id=input.order_id,
-                customer_email=input.customer.email,
-                customer_user_id=input.customer.user_id,
-                cart=cart,
-                metadata=input.metadata,
-                expires_at=input.expires_at,
+    @activity.defn(name="open_order")
+    async def open_order(self, input: OpenOrderInput) -> PricedCartOut:
+        """Price the cart, reserve its stock (all or none) and create the pending order, in one
+        transaction; a retry returns the cart as first recorded. Refusals are not retried."""
+        merged: dict[str, int] = {}
+        for item in input.items:
+            merged[item.sku] = merged.get(item.sku, 0) + item.quantity
+        try:
+            cart, _ = await self._orders.open(
+                NewOrder(
+                    checkout_id=input.checkout_id,
+                    order_id=input.order_id,
+                    customer_email=input.customer.email,
+                    customer_user_id=input.customer.user_id,
+                    items=merged,
+                    metadata=input.metadata,
+                    expires_at=input.expires_at,
+                )
             )
-        )
+        except ServiceError as exc:
+            if exc.code not in CART_REFUSALS:
+                raise
+            # Retrying will not create stock or products: fail the step, the workflow decides.
+            raise ApplicationError(
+                exc.message, exc.details, type=exc.code, non_retryable=True
+            ) from exc
+        return PricedCartOut.of(cart)
 
     @activity.defn(name="close_order")
     async def close_order(self, input: CloseOrderInput) -> str:

@@ -43,12 +43,24 @@ class IntentOut(BaseModel):
         )
 
 
+class ReportedIntent(BaseModel):
+    """The PaymentIntent as a signature-verified Stripe event showed it."""
+
+    status: str
+    amount: int
+    currency: str
+
+
 class SettleInput(BaseModel):
     checkout_id: uuid.UUID
     order_id: uuid.UUID
     payment_intent_id: str
     amount: int
     currency: str
+    # Set from a verified `payment_intent.succeeded` event: Stripe signed it and a succeeded
+    # intent never goes back, so it is not read again. Unset (the payment window ended, or a
+    # cancel found it succeeded): Stripe is asked.
+    reported: ReportedIntent | None = None
 
 
 class SettleResult(BaseModel):
@@ -123,8 +135,13 @@ class PaymentActivities:
     @activity.defn(name="settle_payment")
     async def settle_payment(self, input: SettleInput) -> SettleResult:
         """Mark the order paid if, and only if, Stripe says its PaymentIntent succeeded for the
-        order's amount and currency. Stripe's state decides, not a webhook's body."""
-        intent = IntentOut.of(await self._stripe.retrieve_intent(input.payment_intent_id))
+        order's amount and currency: in a signed event, or when asked."""
+        if input.reported is not None and input.reported.status == "succeeded":
+            intent = IntentOut(
+                payment_intent_id=input.payment_intent_id, **input.reported.model_dump()
+            )
+        else:
+            intent = IntentOut.of(await self._stripe.retrieve_intent(input.payment_intent_id))
         if intent.status != "succeeded":
             return SettleResult(outcome="unpaid", intent=intent)
         if (intent.amount, intent.currency) != (input.amount, input.currency):

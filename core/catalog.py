@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import SessionFactory
 from core.errors import ErrorCode, NotFound, ServiceError, StockBelowReserved, UnknownSku
@@ -111,14 +113,13 @@ MAX_CHARGE = 99_999_999
 _PRICES = text("SELECT sku, name, unit_price, currency FROM products WHERE sku = ANY(:skus)")
 
 
-async def price_cart(sessions: SessionFactory, items: dict[str, int]) -> PricedCart:
+async def price_cart(session: AsyncSession, items: Mapping[str, int]) -> PricedCart:
     """Price merged cart lines from the catalog: the server's prices, never the client's.
 
     Raises `UnknownSku`, or `ServiceError(validation_error)` for products of different
     currencies or a total Stripe could not charge.
     """
-    async with sessions() as session:
-        rows = {row.sku: row for row in await session.execute(_PRICES, {"skus": list(items)})}
+    rows = {row.sku: row for row in await session.execute(_PRICES, {"skus": list(items)})}
     missing = sorted(sku for sku in items if sku not in rows)
     if missing:
         raise UnknownSku(missing)

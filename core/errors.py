@@ -27,6 +27,13 @@ class ErrorCode:
     INTERNAL_ERROR = "internal_error"
 
 
+# A checkout refused because of its cart (not because a dependency failed): final, never
+# retried, and answered to the client with its code.
+CART_REFUSALS = frozenset(
+    {ErrorCode.INSUFFICIENT_STOCK, ErrorCode.UNKNOWN_SKU, ErrorCode.VALIDATION_ERROR}
+)
+
+
 class ServiceError(Exception):
     """An error a caller can act on: a code from `ErrorCode`, a sentence and optional details."""
 

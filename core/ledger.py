@@ -113,46 +113,59 @@ class StockLedger:
         lines: Iterable[tuple[str, int]] | Mapping[str, int],
         *,
         expires_at: datetime | None = None,
+        session: AsyncSession | None = None,
     ) -> ReservationResult:
         """Reserve every line or none.
 
         A retry with the same checkout id changes nothing and returns what the first call
         reserved, whatever became of it since (committed or released).
-        Raises `UnknownSku` or `InsufficientStock` (with requested/available per SKU).
+        Raises `UnknownSku` or `InsufficientStock` (with requested/available per SKU). With
+        `session`, runs inside the caller's transaction (the order is created in the same one).
         """
         wanted = merge_lines(lines)
+        if session is not None:
+            return await self._reserve(session, checkout_id, wanted, expires_at)
+        async with self._sessions.begin() as own:
+            return await self._reserve(own, checkout_id, wanted, expires_at)
+
+    async def _reserve(
+        self,
+        session: AsyncSession,
+        checkout_id: uuid.UUID,
+        wanted: dict[str, int],
+        expires_at: datetime | None,
+    ) -> ReservationResult:
         skus = list(wanted)
-        async with self._sessions.begin() as session:
-            stock = {row.sku: row for row in await session.execute(_LOCK_STOCK, {"skus": skus})}
-            # Checked under the stock locks: a concurrent duplicate call has either committed
-            # (and we see its rows now) or has not started reserving.
-            existing = await self._lines(session, checkout_id, lock=False)
-            if existing is not None:
-                return existing
+        stock = {row.sku: row for row in await session.execute(_LOCK_STOCK, {"skus": skus})}
+        # Checked under the stock locks: a concurrent duplicate call has either committed
+        # (and we see its rows now) or has not started reserving.
+        existing = await self._lines(session, checkout_id, lock=False)
+        if existing is not None:
+            return existing
 
-            missing = [sku for sku in skus if sku not in stock]
-            if missing:
-                raise UnknownSku(missing)
-            shortages = [
-                {
-                    "sku": sku,
-                    "requested": quantity,
-                    "available": max(stock[sku].on_hand - stock[sku].reserved, 0),
-                }
-                for sku, quantity in wanted.items()
-                if stock[sku].on_hand - stock[sku].reserved < quantity
-            ]
-            if shortages:
-                raise InsufficientStock(shortages)
-
-            params = {
-                "checkout_id": checkout_id,
-                "skus": skus,
-                "quantities": list(wanted.values()),
-                "expires_at": expires_at,
+        missing = [sku for sku in skus if sku not in stock]
+        if missing:
+            raise UnknownSku(missing)
+        shortages = [
+            {
+                "sku": sku,
+                "requested": quantity,
+                "available": max(stock[sku].on_hand - stock[sku].reserved, 0),
             }
-            await session.execute(_ADD_RESERVED, params)
-            await session.execute(_INSERT_RESERVATIONS, params)
+            for sku, quantity in wanted.items()
+            if stock[sku].on_hand - stock[sku].reserved < quantity
+        ]
+        if shortages:
+            raise InsufficientStock(shortages)
+
+        params = {
+            "checkout_id": checkout_id,
+            "skus": skus,
+            "quantities": list(wanted.values()),
+            "expires_at": expires_at,
+        }
+        await session.execute(_ADD_RESERVED, params)
+        await session.execute(_INSERT_RESERVATIONS, params)
         return ReservationResult(
             checkout_id=checkout_id,
             status=ACTIVE,

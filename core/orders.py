@@ -8,6 +8,7 @@ final state never has an active reservation, and no event is announced that did 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,10 +17,10 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.catalog import PricedCart
+from core.catalog import PricedCart, PricedLine, price_cart
 from core.db import SessionFactory
 from core.errors import NotFound
-from core.ledger import StockLedger
+from core.ledger import StockLedger, merge_lines
 from core.models import Order, OrderEvent, OrderItem, OutboxMessage, Payment
 
 PENDING = "pending_payment"
@@ -36,7 +37,7 @@ class NewOrder:
     order_id: uuid.UUID
     customer_email: str
     customer_user_id: str | None
-    cart: PricedCart
+    items: Mapping[str, int]  # SKU -> quantity, as the client asked; priced by `open`
     metadata: dict[str, Any]
     expires_at: datetime
 
@@ -77,79 +78,124 @@ class OrderStore:
         self._sessions = sessions
         self._ledger = ledger
 
-    async def create(self, new: NewOrder) -> bool:
-        """Create the order with its item snapshots; a retry changes nothing. True if new."""
-        cart = new.cart
+    async def open(self, new: NewOrder) -> tuple[PricedCart, bool]:
+        """Price the cart, reserve its stock (all lines or none) and create the pending order
+        with its price and product snapshots: one transaction, so there is never a reservation
+        without its order, nor an order without its stock. Returns the priced cart and whether
+        this call created the order.
+
+        A retry changes nothing and returns the cart as the order recorded it (the catalog may
+        have changed since). Raises `UnknownSku`, `InsufficientStock` (requested/available per
+        SKU) or `ServiceError(validation_error)`; then nothing is kept.
+        """
         async with self._sessions.begin() as session:
-            inserted = await session.execute(
-                insert(Order)
-                .values(
-                    id=new.order_id,
-                    checkout_id=new.checkout_id,
-                    status=PENDING,
-                    customer_email=new.customer_email,
-                    customer_user_id=new.customer_user_id,
-                    currency=cart.currency,
-                    subtotal=cart.subtotal,
-                    discount=0,
-                    tax=0,
-                    shipping=0,
-                    total=cart.subtotal,
-                    metadata_=new.metadata,
-                    expires_at=new.expires_at,
-                )
-                .on_conflict_do_nothing(index_elements=["checkout_id"])
-                .returning(Order.id)
+            existing = await self._recorded_cart(session, new.checkout_id)
+            if existing is not None:
+                return existing, False
+            cart = await price_cart(session, merge_lines(new.items))
+            await self._ledger.reserve(
+                new.checkout_id,
+                [(line.sku, line.quantity) for line in cart.lines],
+                expires_at=new.expires_at,
+                session=session,
             )
-            if inserted.scalar_one_or_none() is None:
-                return False
+            created = await self._insert(session, new, cart)
+        return cart, created
+
+    @staticmethod
+    async def _recorded_cart(session: AsyncSession, checkout_id: uuid.UUID) -> PricedCart | None:
+        rows = (
             await session.execute(
-                insert(OrderItem),
-                [
-                    {
-                        "order_id": new.order_id,
+                select(
+                    Order.currency,
+                    OrderItem.sku,
+                    OrderItem.name,
+                    OrderItem.unit_price,
+                    OrderItem.quantity,
+                )
+                .join(OrderItem, OrderItem.order_id == Order.id)
+                .where(Order.checkout_id == checkout_id)
+                .order_by(OrderItem.sku)
+            )
+        ).all()
+        if not rows:
+            return None
+        return PricedCart(
+            currency=rows[0].currency,
+            lines=tuple(PricedLine(r.sku, r.name, r.unit_price, r.quantity) for r in rows),
+        )
+
+    @staticmethod
+    async def _insert(session: AsyncSession, new: NewOrder, cart: PricedCart) -> bool:
+        inserted = await session.execute(
+            insert(Order)
+            .values(
+                id=new.order_id,
+                checkout_id=new.checkout_id,
+                status=PENDING,
+                customer_email=new.customer_email,
+                customer_user_id=new.customer_user_id,
+                currency=cart.currency,
+                subtotal=cart.subtotal,
+                discount=0,
+                tax=0,
+                shipping=0,
+                total=cart.subtotal,
+                metadata_=new.metadata,
+                expires_at=new.expires_at,
+            )
+            .on_conflict_do_nothing(index_elements=["checkout_id"])
+            .returning(Order.id)
+        )
+        if inserted.scalar_one_or_none() is None:
+            return False  # a concurrent duplicate created it first
+        await session.execute(
+            insert(OrderItem),
+            [
+                {
+                    "order_id": new.order_id,
+                    "sku": line.sku,
+                    "name": line.name,
+                    "unit_price": line.unit_price,
+                    "quantity": line.quantity,
+                    "line_total": line.line_total,
+                    # The product as sold; the catalog may change afterwards.
+                    "product_snapshot": {
                         "sku": line.sku,
                         "name": line.name,
                         "unit_price": line.unit_price,
-                        "quantity": line.quantity,
-                        "line_total": line.line_total,
-                        # The product as sold; the catalog may change afterwards.
-                        "product_snapshot": {
-                            "sku": line.sku,
-                            "name": line.name,
-                            "unit_price": line.unit_price,
-                            "currency": cart.currency,
-                        },
-                    }
-                    for line in cart.lines
-                ],
-            )
-            lines = [{"sku": line.sku, "quantity": line.quantity} for line in cart.lines]
-            totals = {"total": cart.subtotal, "currency": cart.currency}
-            await session.execute(
-                insert(OrderEvent),
-                [
-                    {
-                        "order_id": new.order_id,
-                        "type": "stock_reserved",
-                        "data": {"lines": lines},
-                        "dedupe_key": f"{new.order_id}:reserved",
+                        "currency": cart.currency,
                     },
-                    {
-                        "order_id": new.order_id,
-                        "type": "order_created",
-                        "data": totals,
-                        "dedupe_key": f"{new.order_id}:created",
-                    },
-                ],
-            )
-            await add_outbox(
-                session,
-                "order.created",
-                new.order_id,
-                {"order_id": str(new.order_id), "checkout_id": str(new.checkout_id), **totals},
-                f"{new.order_id}:order.created",
-            )
+                }
+                for line in cart.lines
+            ],
+        )
+        lines = [{"sku": line.sku, "quantity": line.quantity} for line in cart.lines]
+        totals = {"total": cart.subtotal, "currency": cart.currency}
+        await session.execute(
+            insert(OrderEvent),
+            [
+                {
+                    "order_id": new.order_id,
+                    "type": "stock_reserved",
+                    "data": {"lines": lines},
+                    "dedupe_key": f"{new.order_id}:reserved",
+                },
+                {
+                    "order_id": new.order_id,
+                    "type": "order_created",
+                    "data": totals,
+                    "dedupe_key": f"{new.order_id}:created",
+                },
+            ],
+        )
+        await add_outbox(
+            session,
+            "order.created",
+            new.order_id,
+            {"order_id": str(new.order_id), "checkout_id": str(new.checkout_id), **totals},
+            f"{new.order_id}:order.created",
+        )
         return True
 
     async def attach_payment(

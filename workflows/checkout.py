@@ -1,8 +1,8 @@
 """The checkout saga: one durable workflow per checkout, id `checkout-{checkout_id}`.
 
-    price the cart ............................ (no side effect)
-    reserve stock ............................. undo: release stock
-    create the order .......................... undo: close the order (releases its stock)
+    open the order: price the cart, reserve
+      its stock and create the order, in one
+      transaction (all or nothing) ............ undo: close the order (releases its stock)
     create the PaymentIntent .................. undo: cancel it (unless the payment won)
     -- answer POST /checkout (the `start` update) --
     wait: payment event | cancel | payment window
@@ -27,12 +27,16 @@ from temporalio.common import (
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.catalog import PriceCartInput, PricedCartOut
-    from activities.inventory import CheckoutStockInput, ReserveStockInput, StockLine
-    from activities.orders import CloseOrderInput, CreateOrderInput, OrderEventInput
-    from activities.payments import IntentOut, PaymentIntentInput, SettleInput, SettleResult
+    from activities.orders import CloseOrderInput, OpenOrderInput, OrderEventInput, PricedCartOut
+    from activities.payments import (
+        IntentOut,
+        PaymentIntentInput,
+        ReportedIntent,
+        SettleInput,
+        SettleResult,
+    )
     from activities.refunds import LatePaymentInput, LatePaymentResult
-    from core.errors import ErrorCode
+    from core.errors import CART_REFUSALS, ErrorCode
     from workflows.models import (
         CancelResult,
         CheckoutCreated,
@@ -106,11 +110,7 @@ def _failure(err: FailureError) -> CheckoutFailure:
     """What to tell the client about a failed step. (A local activity's failure arrives as an
     ActivityError or, once its retries are over, as the activity's own error.)"""
     cause = err.cause if isinstance(err, ActivityError) else err
-    if isinstance(cause, ApplicationError) and cause.type in (
-        ErrorCode.INSUFFICIENT_STOCK,
-        ErrorCode.UNKNOWN_SKU,
-        ErrorCode.VALIDATION_ERROR,
-    ):
+    if isinstance(cause, ApplicationError) and cause.type in CART_REFUSALS:
         details = cause.details[0] if cause.details else None
         return CheckoutFailure(code=cause.type, message=cause.message, details=details)
     return CheckoutFailure(
@@ -166,40 +166,27 @@ class CheckoutWorkflow:
         """Steps 1-4. True when the checkout is open for payment; False when refused."""
         input = self._input
         try:
-            self._set_status("pricing", f"Pricing {len(input.items)} cart lines from the catalog")
-            cart = self._cart = await self._step(
-                "price_cart",
-                PriceCartInput(items=input.items),
-                "price the cart from the catalog",
-                PricedCartOut,
+            units = sum(item.quantity for item in input.items)
+            self._set_status(
+                "opening_order",
+                f"Pricing {len(input.items)} cart lines, reserving {units} units and creating "
+                f"order {input.order_id}",
             )
-
-            units = sum(line.quantity for line in cart.lines)
-            self._set_status("reserving", f"Reserving {units} units of {len(cart.lines)} SKUs")
-            self._undo.append(("release stock", self._release_stock))
-            await self._step(
-                "reserve_stock",
-                ReserveStockInput(
-                    checkout_id=input.checkout_id,
-                    lines=[StockLine(sku=line.sku, quantity=line.quantity) for line in cart.lines],
-                    expires_at=self._expires_at,
-                ),
-                f"reserve {units} units of {len(cart.lines)} SKUs, all or none",
-            )
-
-            self._set_status("creating_order", f"Creating order {input.order_id}")
+            # Registered first: closing an order that was never opened releases nothing.
             self._undo.append(("close the order", self._close_order))
-            await self._step(
-                "create_order",
-                CreateOrderInput(
+            cart = self._cart = await self._step(
+                "open_order",
+                OpenOrderInput(
                     checkout_id=input.checkout_id,
                     order_id=input.order_id,
                     customer=input.customer,
-                    cart=cart,
+                    items=input.items,
                     metadata=input.metadata,
                     expires_at=self._expires_at,
                 ),
-                f"create order {input.order_id} (pending_payment)",
+                f"price the cart, reserve {units} units (all or none) and create order "
+                f"{input.order_id}: one transaction",
+                PricedCartOut,
             )
 
             self._set_status("creating_payment", f"Creating a PaymentIntent for {self._money()}")
@@ -273,7 +260,7 @@ class CheckoutWorkflow:
             while self._inbox:
                 event = self._inbox.pop(0)
                 if event.type == SUCCEEDED:
-                    outcome = await self._pay()
+                    outcome = await self._pay(event)
                     if outcome == PAID:
                         return
                     if outcome == MISMATCH and await self._close(CANCELLED, "payment_mismatch"):
@@ -294,9 +281,10 @@ class CheckoutWorkflow:
                 if await self._close(EXPIRED, "payment window ended"):
                     return
 
-    async def _pay(self) -> str:
+    async def _pay(self, event: PaymentEvent | None = None) -> str:
         """Commit the stock and mark the order paid if Stripe confirms the payment (status,
-        amount and currency), in one step: the activity reads the PaymentIntent back.
+        amount and currency), in one step: from the verified webhook `event` if there is one,
+        otherwise the activity reads the PaymentIntent back.
 
         Returns `paid`; `unpaid` if Stripe does not say succeeded; `mismatch` if it took
         another amount or currency (the activity has refunded it: never marked paid)."""
@@ -312,6 +300,11 @@ class CheckoutWorkflow:
                 payment_intent_id=intent.payment_intent_id,
                 amount=cart.subtotal,
                 currency=cart.currency,
+                reported=ReportedIntent(
+                    status=event.status, amount=event.amount, currency=event.currency
+                )
+                if event is not None
+                else None,
             ),
             result_type=SettleResult,
             start_to_close_timeout=timedelta(seconds=15),
@@ -367,15 +360,6 @@ class CheckoutWorkflow:
         return False
 
     # -- compensations (regular activities, retried forever) --------------------------------
-
-    async def _release_stock(self) -> None:
-        await workflow.execute_activity(
-            "release_stock",
-            CheckoutStockInput(checkout_id=self._input.checkout_id),
-            start_to_close_timeout=timedelta(seconds=10),
-            retry_policy=FOREVER,
-            summary="release the reserved stock",
-        )
 
     async def _close_order(self) -> None:
         status, reason = self._closing_as

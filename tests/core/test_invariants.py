@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import text
 
-from core.catalog import Catalog, PricedCart, PricedLine
+from core.catalog import Catalog
 from core.db import SessionFactory
 from core.invariants import check
 from core.ledger import StockLedger
@@ -16,16 +16,14 @@ from core.orders import NewOrder, OrderStore
 
 async def _order(db: SessionFactory, quantity: int = 2) -> tuple[uuid.UUID, uuid.UUID]:
     await Catalog(db).put_product("mug", name="Mug", unit_price=500, currency="usd", on_hand=10)
-    ledger = StockLedger(db)
     checkout_id, order_id = uuid.uuid4(), uuid.uuid4()
-    await ledger.reserve(checkout_id, [("mug", quantity)])
-    await OrderStore(db, ledger).create(
+    await OrderStore(db, StockLedger(db)).open(
         NewOrder(
             checkout_id=checkout_id,
             order_id=order_id,
             customer_email="a@example.com",
             customer_user_id=None,
-            cart=PricedCart("usd", (PricedLine("mug", "Mug", 500, quantity),)),
+            items={"mug": quantity},
             metadata={},
             expires_at=datetime.now(UTC),
         )

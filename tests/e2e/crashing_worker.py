@@ -1,7 +1,7 @@
 """The real worker, as its own process, that SIGKILLs itself right after a chosen activity
 has done its work (and before Temporal hears of it): the worst moment to die.
 
-    KILL_AFTER=reserve_stock python -m tests.e2e.crashing_worker
+    KILL_AFTER=open_order python -m tests.e2e.crashing_worker
 """
 
 from __future__ import annotations

@@ -9,17 +9,21 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.catalog import PriceCartInput, PricedCartOut
-from activities.inventory import CheckoutStockInput, ReserveStockInput, StockLine, StockReservation
-from activities.orders import CloseOrderInput, CreateOrderInput, OrderEventInput
+from activities.orders import CloseOrderInput, OpenOrderInput, OrderEventInput, PricedCartOut
 from activities.payments import IntentOut, PaymentIntentInput, SettleInput, SettleResult
 from core.errors import ErrorCode
 from workflows.models import LineOut
+
+
+class StockLine(NamedTuple):
+    sku: str
+    quantity: int
+
 
 PRICES = {"mug": ("Mug", 1200), "tee": ("Tee", 2500)}
 
@@ -45,9 +49,9 @@ class FakeWorld:
 
     # -- activities --------------------------------------------------------------------------
 
-    @activity.defn(name="price_cart")
-    async def price_cart(self, input: PriceCartInput) -> PricedCartOut:
-        self.calls["price_cart"] += 1
+    @activity.defn(name="open_order")
+    async def open_order(self, input: OpenOrderInput) -> PricedCartOut:
+        self.calls["open_order"] += 1
         lines = []
         for item in input.items:
             if item.sku not in PRICES:
@@ -67,13 +71,6 @@ class FakeWorld:
                     line_total=price * item.quantity,
                 )
             )
-        return PricedCartOut(
-            currency="usd", lines=lines, subtotal=sum(line.line_total for line in lines)
-        )
-
-    @activity.defn(name="reserve_stock")
-    async def reserve_stock(self, input: ReserveStockInput) -> StockReservation:
-        self.calls["reserve_stock"] += 1
         if input.checkout_id not in self.reservations:
             short = [
                 {
@@ -81,18 +78,23 @@ class FakeWorld:
                     "requested": line.quantity,
                     "available": self.on_hand[line.sku] - self.reserved[line.sku],
                 }
-                for line in input.lines
+                for line in lines
                 if self.on_hand[line.sku] - self.reserved[line.sku] < line.quantity
             ]
             if short:
                 raise ApplicationError(
                     "not enough stock", short, type=ErrorCode.INSUFFICIENT_STOCK, non_retryable=True
                 )
-            for line in input.lines:
+            for line in lines:
                 self.reserved[line.sku] += line.quantity
-            self.reservations[input.checkout_id] = ("active", input.lines)
-        status, lines = self.reservations[input.checkout_id]
-        return StockReservation(checkout_id=input.checkout_id, status=status, lines=lines)
+            self.reservations[input.checkout_id] = (
+                "active",
+                [StockLine(line.sku, line.quantity) for line in lines],
+            )
+            self.orders[input.order_id] = "pending_payment"
+        return PricedCartOut(
+            currency="usd", lines=lines, subtotal=sum(line.line_total for line in lines)
+        )
 
     def _settle(self, checkout_id: uuid.UUID, target: str) -> None:
         if checkout_id not in self.reservations:
@@ -105,20 +107,6 @@ class FakeWorld:
             if target == "committed":
                 self.on_hand[line.sku] -= line.quantity
         self.reservations[checkout_id] = (target, lines)
-
-    @activity.defn(name="release_stock")
-    async def release_stock(self, input: CheckoutStockInput) -> StockReservation:
-        self.calls["release_stock"] += 1
-        self._settle(input.checkout_id, "released")
-        status, lines = self.reservations.get(input.checkout_id, ("released", []))
-        return StockReservation(checkout_id=input.checkout_id, status=status, lines=lines)
-
-    @activity.defn(name="create_order")
-    async def create_order(self, input: CreateOrderInput) -> bool:
-        self.calls["create_order"] += 1
-        new = input.order_id not in self.orders
-        self.orders.setdefault(input.order_id, "pending_payment")
-        return new
 
     @activity.defn(name="create_payment_intent")
     async def create_payment_intent(self, input: PaymentIntentInput) -> IntentOut:
@@ -151,7 +139,17 @@ class FakeWorld:
     @activity.defn(name="settle_payment")
     async def settle_payment(self, input: SettleInput) -> SettleResult:
         self.calls["settle_payment"] += 1
-        intent = self._intent(input.payment_intent_id)
+        reported = input.reported
+        if reported is not None and reported.status == "succeeded":
+            # As the real activity: a verified event is not read back from Stripe.
+            intent = IntentOut(
+                payment_intent_id=input.payment_intent_id,
+                status=reported.status,
+                amount=reported.amount,
+                currency=reported.currency,
+            )
+        else:
+            intent = self._intent(input.payment_intent_id)
         if intent.status != "succeeded":
             return SettleResult(outcome="unpaid", intent=intent)
         if (intent.amount, intent.currency) != (input.amount, input.currency):
@@ -191,10 +189,7 @@ class FakeWorld:
 
     def activities(self) -> list[Any]:
         return [
-            self.price_cart,
-            self.reserve_stock,
-            self.release_stock,
-            self.create_order,
+            self.open_order,
             self.create_payment_intent,
             self.cancel_payment_intent,
             self.settle_payment,

@@ -37,6 +37,8 @@ from workflows.models import (
 SUCCEEDED = "payment_intent.succeeded"
 FAILED = "payment_intent.payment_failed"
 CANCELED = "payment_intent.canceled"
+# The PaymentIntent's status as each event shows it.
+STATUS_OF = {SUCCEEDED: "succeeded", FAILED: "requires_payment_method", CANCELED: "canceled"}
 
 
 @dataclass
@@ -46,21 +48,31 @@ class Checkout:
     input: CheckoutInput
 
     @property
+    def total(self) -> int:
+        assert self.start.created is not None
+        return self.start.created.totals.total
+
+    @property
     def intent_id(self) -> str:
         assert self.start.created is not None
         return self.start.created.payment.payment_intent_id
 
     async def event(
-        self, type: str, event_id: str | None = None, message: str | None = None
+        self,
+        type: str,
+        event_id: str | None = None,
+        message: str | None = None,
+        amount: int | None = None,
     ) -> None:
+        """Signal a Stripe event as the webhook route does; by default for the order's total."""
         await self.handle.signal(
             CheckoutWorkflow.payment_event,
             PaymentEvent(
                 event_id=event_id or f"evt_{uuid.uuid4().hex[:10]}",
                 type=type,
                 payment_intent_id=self.intent_id,
-                status="",
-                amount=0,
+                status=STATUS_OF[type],
+                amount=self.total if amount is None else amount,
                 currency="usd",
                 message=message,
             ),
@@ -363,7 +375,7 @@ async def test_the_same_request_rejoins_and_another_body_is_refused(
         await open_checkout(ts_env, task_queue, first.input, fingerprint="another-body")
     assert isinstance(raised.value.cause, ApplicationError)
     assert raised.value.cause.type == ErrorCode.IDEMPOTENCY_KEY_REUSED
-    assert world.calls["reserve_stock"] == 1
+    assert world.calls["open_order"] == 1
     assert world.calls["create_payment_intent"] == 1
     await first.handle.execute_update(CheckoutWorkflow.cancel)
 
@@ -390,7 +402,7 @@ async def test_a_payment_of_the_wrong_amount_is_refunded_and_never_marked_paid(
     world.intents[checkout.intent_id]["amount"] = 1  # Stripe says it took 1 cent
     world.pay(checkout.intent_id)
 
-    await checkout.event(SUCCEEDED)
+    await checkout.event(SUCCEEDED, amount=1)
     state = await checkout.handle.result()
 
     assert state.status == "cancelled"

@@ -35,7 +35,7 @@ from activities.refunds import LatePaymentInput, RefundOrderInput
 from api.schemas import CheckoutIn
 from core.db import SessionFactory
 from core.errors import ErrorCode, InvalidState, NotFound, ServiceError, Unavailable
-from core.models import ProcessedWebhookEvent
+from core.models import PROCESSED_WEBHOOK_EVENTS
 from core.orders import CANCELLED, PAID, PENDING, REFUNDED, OrderStore
 from core.settings import Settings
 from workflows.checkout import CheckoutWorkflow, start_search_attributes
@@ -319,7 +319,7 @@ class WebhookInbox:
             # The row is written in the same transaction that signals: if the signal cannot be
             # delivered, nothing is recorded and Stripe's retry is not mistaken for a duplicate.
             new = await session.execute(
-                insert(ProcessedWebhookEvent)
+                insert(PROCESSED_WEBHOOK_EVENTS)
                 .values(
                     event_id=event_id,
                     type=event_type,
@@ -328,14 +328,14 @@ class WebhookInbox:
                     payload=event,
                 )
                 .on_conflict_do_nothing(index_elements=["event_id"])
-                .returning(ProcessedWebhookEvent.event_id)
+                .returning(PROCESSED_WEBHOOK_EVENTS.c.event_id)
             )
             if new.scalar_one_or_none() is None:
                 return "duplicate"
             outcome = await self._dispatch(event_type, event_id, obj, checkout_id)
             await session.execute(
-                update(ProcessedWebhookEvent)
-                .where(ProcessedWebhookEvent.event_id == event_id)
+                update(PROCESSED_WEBHOOK_EVENTS)
+                .where(PROCESSED_WEBHOOK_EVENTS.c.event_id == event_id)
                 .values(outcome=outcome)
             )
         return outcome

@@ -21,7 +21,17 @@ from core.catalog import PricedCart, PricedLine, price_cart
 from core.db import SessionFactory
 from core.errors import NotFound
 from core.ledger import StockLedger, merge_lines
-from core.models import Order, OrderEvent, OrderItem, OutboxMessage, Payment
+from core.models import (
+    ORDER_EVENTS,
+    ORDER_ITEMS,
+    ORDERS,
+    OUTBOX,
+    PAYMENTS,
+    Order,
+    OrderEvent,
+    OrderItem,
+    Payment,
+)
 
 PENDING = "pending_payment"
 PAID = "paid"
@@ -55,10 +65,10 @@ async def add_event(
 ) -> bool:
     """Append to the order's timeline once per `dedupe_key`; True if it was new."""
     result = await session.execute(
-        insert(OrderEvent)
+        insert(ORDER_EVENTS)
         .values(order_id=order_id, type=type, data=data, dedupe_key=dedupe_key)
         .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(OrderEvent.id)
+        .returning(ORDER_EVENTS.c.id)
     )
     return result.scalar_one_or_none() is not None
 
@@ -67,7 +77,7 @@ async def add_outbox(
     session: AsyncSession, topic: str, order_id: uuid.UUID, payload: dict[str, Any], key: str
 ) -> None:
     await session.execute(
-        insert(OutboxMessage)
+        insert(OUTBOX)
         .values(topic=topic, aggregate_id=str(order_id), payload=payload, dedupe_key=key)
         .on_conflict_do_nothing(index_elements=["dedupe_key"])
     )
@@ -128,7 +138,7 @@ class OrderStore:
     @staticmethod
     async def _insert(session: AsyncSession, new: NewOrder, cart: PricedCart) -> bool:
         inserted = await session.execute(
-            insert(Order)
+            insert(ORDERS)
             .values(
                 id=new.order_id,
                 checkout_id=new.checkout_id,
@@ -141,16 +151,16 @@ class OrderStore:
                 tax=0,
                 shipping=0,
                 total=cart.subtotal,
-                metadata_=new.metadata,
+                metadata=new.metadata,
                 expires_at=new.expires_at,
             )
             .on_conflict_do_nothing(index_elements=["checkout_id"])
-            .returning(Order.id)
+            .returning(ORDERS.c.id)
         )
         if inserted.scalar_one_or_none() is None:
             return False  # a concurrent duplicate created it first
         await session.execute(
-            insert(OrderItem),
+            insert(ORDER_ITEMS),
             [
                 {
                     "order_id": new.order_id,
@@ -173,7 +183,7 @@ class OrderStore:
         lines = [{"sku": line.sku, "quantity": line.quantity} for line in cart.lines]
         totals = {"total": cart.subtotal, "currency": cart.currency}
         await session.execute(
-            insert(OrderEvent),
+            insert(ORDER_EVENTS),
             [
                 {
                     "order_id": new.order_id,
@@ -203,7 +213,7 @@ class OrderStore:
     ) -> None:
         async with self._sessions.begin() as session:
             await session.execute(
-                insert(Payment)
+                insert(PAYMENTS)
                 .values(
                     order_id=order_id,
                     provider="stripe",
@@ -244,14 +254,18 @@ class OrderStore:
         payment that arrived after the order closed is not applied here).
         """
         async with self._sessions.begin() as session:
-            order = await self._lock(session, order_id)
-            if order.status != PENDING:
-                return order.status
+            status = await session.scalar(
+                select(ORDERS.c.status).where(ORDERS.c.id == order_id).with_for_update()
+            )
+            if status is None:
+                raise NotFound(f"no order {order_id}", details={"order_id": str(order_id)})
+            if status != PENDING:
+                return str(status)
             await self._ledger.commit(checkout_id, session=session)
-            order.status = PAID
+            await session.execute(update(ORDERS).where(ORDERS.c.id == order_id).values(status=PAID))
             await session.execute(
-                update(Payment)
-                .where(Payment.payment_intent_id == intent_id)
+                update(PAYMENTS)
+                .where(PAYMENTS.c.payment_intent_id == intent_id)
                 .values(status=intent_status)
             )
             await add_event(

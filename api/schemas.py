@@ -129,7 +129,7 @@ class CheckoutStateOut(BaseModel):
     checkout_id: uuid.UUID
     order_id: uuid.UUID
     status: str = Field(
-        description="pricing, reserving, creating_order, creating_payment, pending_payment, "
+        description="started, opening_order, creating_payment, pending_payment, "
         "committing, compensating, paid, cancelled, expired or rejected"
     )
     expires_at: datetime | None

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
+from temporalio.api.enums.v1 import ResourceExhaustedCause
+from temporalio.api.errordetails.v1 import MultiOperationExecutionFailure, ResourceExhaustedFailure
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -46,6 +48,7 @@ from workflows.models import (
     CheckoutState,
     Customer,
     PaymentEvent,
+    SignedWebhook,
     StartResult,
 )
 from workflows.refund import LatePaymentWorkflow, RefundWorkflow
@@ -92,11 +95,31 @@ def _unavailable(exc: BaseException) -> Unavailable:
     return Unavailable("the checkout service cannot reach Temporal; try again")
 
 
-# Temporal refuses an update that reaches a run in the instant it is completing ("workflow is
-# closing", RESOURCE_EXHAUSTED or ABORTED). Asked again a moment later, the run is closed and
-# the caller gets a definite answer, so these are retried briefly instead of becoming a 503.
-_BUSY = frozenset({RPCStatusCode.RESOURCE_EXHAUSTED, RPCStatusCode.ABORTED})
+# Temporal refuses an update or a signal that reaches a run in the instant it is completing
+# ("workflow is closing": RESOURCE_EXHAUSTED with cause BUSY_WORKFLOW). Asked again a moment
+# later, the run is closed and the caller gets a definite answer, so these are retried briefly
+# instead of becoming a 503. Other RESOURCE_EXHAUSTED causes (rate limits, an overloaded
+# server) are not: retrying would only add load.
 _BUSY_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+
+def _workflow_busy(exc: RPCError) -> bool:
+    if exc.status == RPCStatusCode.ABORTED:
+        return True
+    if exc.status != RPCStatusCode.RESOURCE_EXHAUSTED:
+        return False
+    details = list(exc.grpc_status.details)
+    multi = MultiOperationExecutionFailure()
+    # Update-with-Start reports each operation's status inside one multi-operation failure.
+    for detail in list(details):
+        if detail.Unpack(multi):
+            details += [d for status in multi.statuses for d in status.details]
+    failure = ResourceExhaustedFailure()
+    return any(
+        detail.Unpack(failure)
+        and failure.cause == ResourceExhaustedCause.RESOURCE_EXHAUSTED_CAUSE_BUSY_WORKFLOW
+        for detail in details
+    )
 
 
 async def _retry_while_busy(call: Callable[[], Awaitable[T]]) -> T:
@@ -104,7 +127,7 @@ async def _retry_while_busy(call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
         except RPCError as exc:
-            if exc.status not in _BUSY:
+            if not _workflow_busy(exc):
                 raise
             log.info("workflow busy (%s); retrying in %.2fs", exc.message, delay)
             await asyncio.sleep(delay)
@@ -310,7 +333,8 @@ class WebhookInbox:
         self._orders = orders
         self._task_queue = task_queue
 
-    async def receive(self, event: dict[str, Any]) -> str:
+    async def receive(self, event: dict[str, Any], signed: SignedWebhook) -> str:
+        """Act on a verified event once; `signed` is the webhook as received."""
         event_id: str = event["id"]
         event_type: str = event["type"]
         obj = (event.get("data") or {}).get("object") or {}
@@ -332,7 +356,7 @@ class WebhookInbox:
             )
             if new.scalar_one_or_none() is None:
                 return "duplicate"
-            outcome = await self._dispatch(event_type, event_id, obj, checkout_id)
+            outcome = await self._dispatch(event_type, event_id, obj, checkout_id, signed)
             await session.execute(
                 update(PROCESSED_WEBHOOK_EVENTS)
                 .where(PROCESSED_WEBHOOK_EVENTS.c.event_id == event_id)
@@ -341,7 +365,12 @@ class WebhookInbox:
         return outcome
 
     async def _dispatch(
-        self, event_type: str, event_id: str, obj: dict[str, Any], checkout_id: uuid.UUID | None
+        self,
+        event_type: str,
+        event_id: str,
+        obj: dict[str, Any],
+        checkout_id: uuid.UUID | None,
+        signed: SignedWebhook,
     ) -> str:
         if event_type == "charge.refunded":
             return await self._refunded(obj)
@@ -358,11 +387,15 @@ class WebhookInbox:
             amount=int(obj.get("amount") or 0),
             currency=str(obj.get("currency") or ""),
             message=error.get("message") or error.get("code"),
+            # Only a success settles anything; the others need no proof and stay small.
+            signed=signed if event_type == "payment_intent.succeeded" else None,
         )
         handle = self._client.get_workflow_handle(workflow_id(checkout_id))
         try:
-            await handle.signal(
-                CheckoutWorkflow.payment_event, signal, rpc_timeout=timedelta(seconds=10)
+            await _retry_while_busy(
+                lambda: handle.signal(
+                    CheckoutWorkflow.payment_event, signal, rpc_timeout=timedelta(seconds=10)
+                )
             )
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:

@@ -109,8 +109,13 @@ class OrderStore:
                 expires_at=new.expires_at,
                 session=session,
             )
-            created = await self._insert(session, new, cart)
-        return cart, created
+            if not await self._insert(session, new, cart):
+                # A concurrent attempt created the order first (the ledger waited for it and
+                # returned its reservation): answer with what it recorded, not this pricing.
+                recorded = await self._recorded_cart(session, new.checkout_id)
+                assert recorded is not None
+                return recorded, False
+        return cart, True
 
     @staticmethod
     async def _recorded_cart(session: AsyncSession, checkout_id: uuid.UUID) -> PricedCart | None:

@@ -31,7 +31,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.payments import (
         IntentOut,
         PaymentIntentInput,
-        ReportedIntent,
         SettleInput,
         SettleResult,
     )
@@ -300,10 +299,8 @@ class CheckoutWorkflow:
                 payment_intent_id=intent.payment_intent_id,
                 amount=cart.subtotal,
                 currency=cart.currency,
-                reported=ReportedIntent(
-                    status=event.status, amount=event.amount, currency=event.currency
-                )
-                if event is not None
+                signed_event=event.signed
+                if event is not None and event.payment_intent_id == intent.payment_intent_id
                 else None,
             ),
             result_type=SettleResult,

@@ -125,3 +125,25 @@ async def test_refusals_keep_nothing_and_are_not_retried(
     assert await counts(db, refused.checkout_id) == (0, 0)
     catalog = Catalog(db)
     assert [(await catalog.inventory(sku)).reserved for sku in ("mug", "tee")] == [0, 0]
+
+
+async def test_an_attempt_that_loses_the_race_answers_with_the_winners_prices(
+    activities: OrderActivities, db: SessionFactory
+) -> None:
+    """Two attempts of one checkout price the cart at different prices (the catalog changed
+    in between) and queue on the stock row: the second must not answer with its own price."""
+    env = ActivityEnvironment()
+    open_mug = request(("mug", 2))
+    async with db.begin() as blocker:
+        await blocker.execute(text("SELECT 1 FROM stock WHERE sku = 'mug' FOR UPDATE"))
+        first = asyncio.create_task(env.run(activities.open_order, open_mug))
+        await asyncio.sleep(0.3)  # priced at 900, waiting for the stock row
+        async with db.begin() as session:
+            await session.execute(text("UPDATE products SET unit_price = 1000 WHERE sku = 'mug'"))
+        second = asyncio.create_task(env.run(activities.open_order, open_mug))
+        await asyncio.sleep(0.3)  # priced at 1000, waiting behind the first
+    carts = await asyncio.gather(first, second)
+
+    assert [cart.subtotal for cart in carts] == [1800, 1800]
+    assert await counts(db, open_mug.checkout_id) == (1, 1)
+    assert (await Catalog(db).inventory("mug")).reserved == 2

@@ -139,17 +139,11 @@ class FakeWorld:
     @activity.defn(name="settle_payment")
     async def settle_payment(self, input: SettleInput) -> SettleResult:
         self.calls["settle_payment"] += 1
-        reported = input.reported
-        if reported is not None and reported.status == "succeeded":
-            # As the real activity: a verified event is not read back from Stripe.
-            intent = IntentOut(
-                payment_intent_id=input.payment_intent_id,
-                status=reported.status,
-                amount=reported.amount,
-                currency=reported.currency,
-            )
-        else:
-            intent = self._intent(input.payment_intent_id)
+        if input.signed_event is not None:
+            # The real activity checks the signature and reads the intent from the event;
+            # here Stripe's state is the world's either way.
+            self.calls["settle_payment:signed_event"] += 1
+        intent = self._intent(input.payment_intent_id)
         if intent.status != "succeeded":
             return SettleResult(outcome="unpaid", intent=intent)
         if (intent.amount, intent.currency) != (input.amount, input.currency):

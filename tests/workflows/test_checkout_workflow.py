@@ -31,6 +31,7 @@ from workflows.models import (
     CheckoutState,
     Customer,
     PaymentEvent,
+    SignedWebhook,
     StartResult,
 )
 
@@ -75,6 +76,9 @@ class Checkout:
                 amount=self.total if amount is None else amount,
                 currency="usd",
                 message=message,
+                signed=SignedWebhook(body="{}", signature="t=1,v1=fake")
+                if type == SUCCEEDED
+                else None,
             ),
         )
 
@@ -169,6 +173,8 @@ async def test_paid_checkout_commits_stock_and_marks_the_order_paid(
     assert +world.reserved == {}
     assert world.intents[checkout.intent_id]["status"] == "succeeded"
     assert world.calls["cancel_payment_intent"] == 0
+    # Settled on the webhook's signed word, which the activity verifies.
+    assert world.calls["settle_payment:signed_event"] == 1
     description = await checkout.handle.describe()
     assert description.typed_search_attributes.get(CHECKOUT_STATUS) == "paid"
     assert description.typed_search_attributes.get(ORDER_ID) == str(checkout.input.order_id)
@@ -313,6 +319,7 @@ async def test_success_whose_webhook_was_lost_is_found_by_the_re_read(
 
     assert state.status == "paid"
     assert world.calls["cancel_payment_intent"] == 0
+    assert world.calls["settle_payment:signed_event"] == 0  # no event: Stripe was asked
     assert world.orders[checkout.input.order_id] == "paid"
     await save_history(checkout.handle, "lost_webhook_paid")
 

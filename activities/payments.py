@@ -11,8 +11,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from core.orders import OrderStore
-from core.stripe_gateway import Intent, InvalidWebhook, StripeGateway
-from workflows.models import SignedWebhook
+from core.stripe_gateway import Intent, StripeGateway
 
 
 class PaymentIntentInput(BaseModel):
@@ -50,11 +49,6 @@ class SettleInput(BaseModel):
     payment_intent_id: str
     amount: int
     currency: str
-    # The `payment_intent.succeeded` webhook that reported the payment, if one did. Its
-    # signature is checked again here: Stripe signed it and a succeeded intent never goes
-    # back, so Stripe is not asked again. Without it (the payment window ended, a cancel found
-    # the intent paid) or if it does not check out, Stripe is asked.
-    signed_event: SignedWebhook | None = None
 
 
 class SettleResult(BaseModel):
@@ -126,33 +120,11 @@ class PaymentActivities:
         )
         return IntentOut.of(result)
 
-    def _signed_success(self, input: SettleInput) -> IntentOut | None:
-        """The PaymentIntent from a webhook whose Stripe signature holds, if it says this
-        intent succeeded; None otherwise."""
-        if input.signed_event is None:
-            return None
-        try:
-            # No timestamp tolerance: the API checked freshness when the webhook arrived; this
-            # may run later (a retry, a worker that was down).
-            event = self._stripe.verify_webhook(
-                input.signed_event.body.encode(), input.signed_event.signature, tolerance=None
-            )
-        except InvalidWebhook:
-            activity.logger.warning("settling %s: the signed event does not verify", input.order_id)
-            return None
-        obj = (event.get("data") or {}).get("object") or {}
-        if event["type"] != "payment_intent.succeeded" or obj.get("id") != input.payment_intent_id:
-            return None
-        intent = IntentOut.of(Intent.of(obj))
-        return intent if intent.status == "succeeded" else None
-
     @activity.defn(name="settle_payment")
     async def settle_payment(self, input: SettleInput) -> SettleResult:
         """Mark the order paid if, and only if, Stripe says its PaymentIntent succeeded for the
-        order's amount and currency: in a signed event, or when asked."""
-        intent = self._signed_success(input) or IntentOut.of(
-            await self._stripe.retrieve_intent(input.payment_intent_id)
-        )
+        order's amount and currency. Stripe's state decides, not a webhook's body."""
+        intent = IntentOut.of(await self._stripe.retrieve_intent(input.payment_intent_id))
         if intent.status != "succeeded":
             return SettleResult(outcome="unpaid", intent=intent)
         if (intent.amount, intent.currency) != (input.amount, input.currency):

@@ -48,7 +48,6 @@ from workflows.models import (
     CheckoutState,
     Customer,
     PaymentEvent,
-    SignedWebhook,
     StartResult,
 )
 from workflows.refund import LatePaymentWorkflow, RefundWorkflow
@@ -333,8 +332,7 @@ class WebhookInbox:
         self._orders = orders
         self._task_queue = task_queue
 
-    async def receive(self, event: dict[str, Any], signed: SignedWebhook) -> str:
-        """Act on a verified event once; `signed` is the webhook as received."""
+    async def receive(self, event: dict[str, Any]) -> str:
         event_id: str = event["id"]
         event_type: str = event["type"]
         obj = (event.get("data") or {}).get("object") or {}
@@ -356,7 +354,7 @@ class WebhookInbox:
             )
             if new.scalar_one_or_none() is None:
                 return "duplicate"
-            outcome = await self._dispatch(event_type, event_id, obj, checkout_id, signed)
+            outcome = await self._dispatch(event_type, event_id, obj, checkout_id)
             await session.execute(
                 update(PROCESSED_WEBHOOK_EVENTS)
                 .where(PROCESSED_WEBHOOK_EVENTS.c.event_id == event_id)
@@ -365,12 +363,7 @@ class WebhookInbox:
         return outcome
 
     async def _dispatch(
-        self,
-        event_type: str,
-        event_id: str,
-        obj: dict[str, Any],
-        checkout_id: uuid.UUID | None,
-        signed: SignedWebhook,
+        self, event_type: str, event_id: str, obj: dict[str, Any], checkout_id: uuid.UUID | None
     ) -> str:
         if event_type == "charge.refunded":
             return await self._refunded(obj)
@@ -387,8 +380,6 @@ class WebhookInbox:
             amount=int(obj.get("amount") or 0),
             currency=str(obj.get("currency") or ""),
             message=error.get("message") or error.get("code"),
-            # Only a success settles anything; the others need no proof and stay small.
-            signed=signed if event_type == "payment_intent.succeeded" else None,
         )
         handle = self._client.get_workflow_handle(workflow_id(checkout_id))
         try:

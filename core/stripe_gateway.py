@@ -142,15 +142,8 @@ class StripeGateway:
         data = refund.to_dict()
         return Refund(id=data["id"], status=data["status"], amount=int(data["amount"]))
 
-    def verify_webhook(
-        self,
-        payload: bytes,
-        signature: str | None,
-        *,
-        tolerance: int | None = WEBHOOK_TOLERANCE_SECONDS,
-    ) -> dict[str, Any]:
-        """Check the Stripe-Signature header (HMAC and, unless `tolerance` is None, the
-        timestamp's age in seconds) and parse."""
+    def verify_webhook(self, payload: bytes, signature: str | None) -> dict[str, Any]:
+        """Check the Stripe-Signature header (HMAC and timestamp tolerance) and parse."""
         if not signature:
             raise InvalidWebhook("missing Stripe-Signature header")
         try:
@@ -158,7 +151,7 @@ class StripeGateway:
                 payload.decode("utf-8", errors="replace"),
                 signature,
                 self._webhook_secret,
-                tolerance,
+                WEBHOOK_TOLERANCE_SECONDS,
             )
         except stripe.SignatureVerificationError as exc:
             raise InvalidWebhook(f"signature check failed: {exc.user_message or exc}") from exc

@@ -259,7 +259,7 @@ class CheckoutWorkflow:
             while self._inbox:
                 event = self._inbox.pop(0)
                 if event.type == SUCCEEDED:
-                    outcome = await self._pay(event)
+                    outcome = await self._pay()
                     if outcome == PAID:
                         return
                     if outcome == MISMATCH and await self._close(CANCELLED, "payment_mismatch"):
@@ -280,10 +280,9 @@ class CheckoutWorkflow:
                 if await self._close(EXPIRED, "payment window ended"):
                     return
 
-    async def _pay(self, event: PaymentEvent | None = None) -> str:
+    async def _pay(self) -> str:
         """Commit the stock and mark the order paid if Stripe confirms the payment (status,
-        amount and currency), in one step: from the verified webhook `event` if there is one,
-        otherwise the activity reads the PaymentIntent back.
+        amount and currency), in one step: the activity reads the PaymentIntent back.
 
         Returns `paid`; `unpaid` if Stripe does not say succeeded; `mismatch` if it took
         another amount or currency (the activity has refunded it: never marked paid)."""
@@ -299,9 +298,6 @@ class CheckoutWorkflow:
                 payment_intent_id=intent.payment_intent_id,
                 amount=cart.subtotal,
                 currency=cart.currency,
-                signed_event=event.signed
-                if event is not None and event.payment_intent_id == intent.payment_intent_id
-                else None,
             ),
             result_type=SettleResult,
             start_to_close_timeout=timedelta(seconds=15),

@@ -88,13 +88,6 @@ class StartResult(BaseModel):
     first: bool = False
 
 
-class SignedWebhook(BaseModel):
-    """A Stripe webhook as received: raw body and its Stripe-Signature header."""
-
-    body: str
-    signature: str
-
-
 class PaymentEvent(BaseModel):
     """A Stripe event about this checkout's PaymentIntent, signalled by the webhook route."""
 
@@ -105,10 +98,6 @@ class PaymentEvent(BaseModel):
     amount: int
     currency: str
     message: str | None = None
-    # A success carries Stripe's webhook as it was received (raw body and Stripe-Signature),
-    # so the payment can be settled on Stripe's signed word without asking Stripe again, and
-    # a signal that did not come from Stripe cannot pay an order.
-    signed: SignedWebhook | None = None
 
 
 class PaymentAttempt(BaseModel):

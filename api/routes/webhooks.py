@@ -6,7 +6,6 @@ from fastapi import APIRouter, Request
 
 from api.deps import ServicesDep
 from api.schemas import ErrorBody, WebhookAck
-from workflows.models import SignedWebhook
 
 router = APIRouter(tags=["webhooks"])
 
@@ -18,7 +17,5 @@ router = APIRouter(tags=["webhooks"])
 async def stripe_webhook(request: Request, services: ServicesDep) -> WebhookAck:
     """Receive a Stripe event (raw body, Stripe-Signature header)."""
     payload = await request.body()
-    signature = request.headers.get("stripe-signature", "")
-    event = services.stripe.verify_webhook(payload, signature)
-    signed = SignedWebhook(body=payload.decode("utf-8", errors="replace"), signature=signature)
-    return WebhookAck(outcome=await services.webhooks.receive(event, signed))
+    event = services.stripe.verify_webhook(payload, request.headers.get("stripe-signature"))
+    return WebhookAck(outcome=await services.webhooks.receive(event))

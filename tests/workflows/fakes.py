@@ -139,10 +139,6 @@ class FakeWorld:
     @activity.defn(name="settle_payment")
     async def settle_payment(self, input: SettleInput) -> SettleResult:
         self.calls["settle_payment"] += 1
-        if input.signed_event is not None:
-            # The real activity checks the signature and reads the intent from the event;
-            # here Stripe's state is the world's either way.
-            self.calls["settle_payment:signed_event"] += 1
         intent = self._intent(input.payment_intent_id)
         if intent.status != "succeeded":
             return SettleResult(outcome="unpaid", intent=intent)

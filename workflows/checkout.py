@@ -28,12 +28,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.orders import CloseOrderInput, OpenOrderInput, OrderEventInput, PricedCartOut
-    from activities.payments import (
-        IntentOut,
-        PaymentIntentInput,
-        SettleInput,
-        SettleResult,
-    )
+    from activities.payments import IntentOut, PaymentIntentInput, SettleInput, SettleResult
     from activities.refunds import LatePaymentInput, LatePaymentResult
     from core.errors import CART_REFUSALS, ErrorCode
     from workflows.models import (

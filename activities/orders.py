@@ -71,9 +71,6 @@ class OrderActivities:
     async def open_order(self, input: OpenOrderInput) -> PricedCartOut:
         """Price the cart, reserve its stock (all or none) and create the pending order, in one
         transaction; a retry returns the cart as first recorded. Refusals are not retried."""
-        merged: dict[str, int] = {}
-        for item in input.items:
-            merged[item.sku] = merged.get(item.sku, 0) + item.quantity
         try:
             cart, _ = await self._orders.open(
                 NewOrder(
@@ -81,7 +78,7 @@ class OrderActivities:
                     order_id=input.order_id,
                     customer_email=input.customer.email,
                     customer_user_id=input.customer.user_id,
-                    items=merged,
+                    items=[(item.sku, item.quantity) for item in input.items],
                     metadata=input.metadata,
                     expires_at=input.expires_at,
                 )

@@ -8,7 +8,7 @@ final state never has an active reservation, and no event is announced that did 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -47,7 +47,9 @@ class NewOrder:
     order_id: uuid.UUID
     customer_email: str
     customer_user_id: str | None
-    items: Mapping[str, int]  # SKU -> quantity, as the client asked; priced by `open`
+    # (SKU, quantity) lines as the client asked (a SKU may repeat) or SKU -> quantity;
+    # `open` merges and prices them.
+    items: Iterable[tuple[str, int]] | Mapping[str, int]
     metadata: dict[str, Any]
     expires_at: datetime
 

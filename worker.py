@@ -1,4 +1,4 @@
-"""The Temporal worker: `python worker.py`. Wires settings -> engine -> ledger -> worker."""
+"""The Temporal worker: `python worker.py`. Wires settings -> engine, Stripe -> worker."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from core.db import SessionFactory, create_engine, create_session_factory
 from core.ledger import StockLedger
 from core.orders import OrderStore
 from core.settings import Settings
-from core.stripe_gateway import create_gateway
+from core.stripe_gateway import StripeGateway, create_gateway
 from core.temporal import connect
 from workflows.checkout import CheckoutWorkflow
 from workflows.refund import LatePaymentWorkflow, RefundWorkflow
@@ -31,11 +31,11 @@ def build_worker(
     settings: Settings,
     client: Client,
     sessions: SessionFactory,
+    gateway: StripeGateway,
     interceptors: Sequence[Interceptor] = (),
 ) -> Worker:
     orders = OrderStore(sessions, StockLedger(sessions))
     order_activities = OrderActivities(orders)
-    gateway = create_gateway(settings)
     payments = PaymentActivities(gateway, orders)
     refunds = RefundActivities(gateway, orders)
     return Worker(
@@ -73,7 +73,8 @@ async def main() -> None:
     settings = Settings()
     engine = create_engine(settings)
     client = await connect(settings)
-    worker = build_worker(settings, client, create_session_factory(engine))
+    gateway = create_gateway(settings)
+    worker = build_worker(settings, client, create_session_factory(engine), gateway)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -84,6 +85,7 @@ async def main() -> None:
         log.info("worker polling task queue %r", settings.temporal_task_queue)
         await stop.wait()
         log.info("shutting down: finishing running activities")
+    await gateway.aclose()
     await engine.dispose()
 
 

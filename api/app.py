@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings)
         sessions = create_session_factory(engine)
         temporal = await connect(settings, lazy=True)
+        gateway = create_gateway(settings)
         ledger = StockLedger(sessions)
         orders = OrderStore(sessions, ledger)
         app.state.services = Services(
@@ -47,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             catalog=Catalog(sessions),
             ledger=ledger,
             orders=orders,
-            stripe=create_gateway(settings),
+            stripe=gateway,
             checkouts=CheckoutService(temporal, settings, orders),
             refunds=RefundService(temporal, settings, orders),
             webhooks=WebhookInbox(sessions, temporal, orders, settings.temporal_task_queue),
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await gateway.aclose()
             await engine.dispose()
 
     app = FastAPI(

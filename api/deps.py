@@ -36,7 +36,9 @@ class Services:
     webhooks: WebhookInbox
 
 
-def _services(request: Request) -> Services:
+# The providers are `async def`: FastAPI runs a plain `def` dependency in its thread pool, two
+# thread hand-offs per request for what is an attribute read.
+async def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -44,28 +46,28 @@ def _services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(_services)]
 
 
-def _catalog(services: ServicesDep) -> Catalog:
+async def _catalog(services: ServicesDep) -> Catalog:
     return services.catalog
 
 
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 
 
-def _orders(services: ServicesDep) -> OrderStore:
+async def _orders(services: ServicesDep) -> OrderStore:
     return services.orders
 
 
 OrdersDep = Annotated[OrderStore, Depends(_orders)]
 
 
-def _checkouts(services: ServicesDep) -> CheckoutService:
+async def _checkouts(services: ServicesDep) -> CheckoutService:
     return services.checkouts
 
 
 CheckoutsDep = Annotated[CheckoutService, Depends(_checkouts)]
 
 
-def _refunds(services: ServicesDep) -> RefundService:
+async def _refunds(services: ServicesDep) -> RefundService:
     return services.refunds
 
 

@@ -337,6 +337,8 @@ class WebhookInbox:
         event_type: str = event["type"]
         obj = (event.get("data") or {}).get("object") or {}
         checkout_id = _checkout_id(obj)
+        # What most events come to; written with the row, and corrected if it turns out else.
+        expected = "acted" if event_type in PAYMENT_INTENT_EVENTS and checkout_id else "ignored"
         async with self._sessions.begin() as session:
             # The row is written in the same transaction that signals: if the signal cannot be
             # delivered, nothing is recorded and Stripe's retry is not mistaken for a duplicate.
@@ -346,7 +348,7 @@ class WebhookInbox:
                     event_id=event_id,
                     type=event_type,
                     checkout_id=checkout_id,
-                    outcome="received",
+                    outcome=expected,
                     payload=event,
                 )
                 .on_conflict_do_nothing(index_elements=["event_id"])
@@ -355,11 +357,12 @@ class WebhookInbox:
             if new.scalar_one_or_none() is None:
                 return "duplicate"
             outcome = await self._dispatch(event_type, event_id, obj, checkout_id)
-            await session.execute(
-                update(PROCESSED_WEBHOOK_EVENTS)
-                .where(PROCESSED_WEBHOOK_EVENTS.c.event_id == event_id)
-                .values(outcome=outcome)
-            )
+            if outcome != expected:
+                await session.execute(
+                    update(PROCESSED_WEBHOOK_EVENTS)
+                    .where(PROCESSED_WEBHOOK_EVENTS.c.event_id == event_id)
+                    .values(outcome=outcome)
+                )
         return outcome
 
     async def _dispatch(

@@ -125,9 +125,11 @@ async def check(sessions: SessionFactory, stripe: StripeGateway | None = None) -
 async def _main() -> int:
     settings = Settings()
     engine = create_engine(settings)
+    gateway = create_gateway(settings)
     try:
-        violations = await check(create_session_factory(engine), create_gateway(settings))
+        violations = await check(create_session_factory(engine), gateway)
     finally:
+        await gateway.aclose()
         await engine.dispose()
     for violation in violations:
         print(f"{violation.rule}: {violation.detail}")

@@ -64,35 +64,54 @@ _RESERVATIONS = (
 )
 _SELECT_RESERVATIONS = text(_RESERVATIONS)
 _LOCK_RESERVATIONS = text(_RESERVATIONS + " FOR UPDATE")
-_ADD_RESERVED = text(
-    "UPDATE stock SET reserved = stock.reserved + v.quantity, updated_at = now()"
-    " FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)"
-    " WHERE stock.sku = v.sku"
+# Each stock movement is one statement: the stock rows (locked just before, in SKU order) and
+# the checkout's reservation rows change together, in one round trip while the locks are held.
+_RESERVE = text(
+    """
+    WITH added AS (
+        UPDATE stock SET reserved = stock.reserved + v.quantity, updated_at = now()
+        FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
+        WHERE stock.sku = v.sku
+    )
+    INSERT INTO reservations (checkout_id, sku, quantity, status, expires_at)
+    SELECT :checkout_id, v.sku, v.quantity, 'active', :expires_at
+    FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
+    """
 )
-_INSERT_RESERVATIONS = text(
-    "INSERT INTO reservations (checkout_id, sku, quantity, status, expires_at)"
-    " SELECT :checkout_id, v.sku, v.quantity, 'active', :expires_at"
-    " FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)"
+# The moves below take the reservation from `:source` to `:target` with their stock change.
+_COMMIT = text(
+    """
+    WITH sold AS (
+        UPDATE stock SET on_hand = stock.on_hand - v.quantity,
+                         reserved = stock.reserved - v.quantity, updated_at = now()
+        FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
+        WHERE stock.sku = v.sku
+    )
+    UPDATE reservations SET status = :target, updated_at = now()
+    WHERE checkout_id = :checkout_id AND status = :source
+    """
 )
-_COMMIT_STOCK = text(
-    "UPDATE stock SET on_hand = stock.on_hand - v.quantity,"
-    " reserved = stock.reserved - v.quantity, updated_at = now()"
-    " FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)"
-    " WHERE stock.sku = v.sku"
+_RELEASE = text(
+    """
+    WITH released AS (
+        UPDATE stock SET reserved = stock.reserved - v.quantity, updated_at = now()
+        FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
+        WHERE stock.sku = v.sku
+    )
+    UPDATE reservations SET status = :target, updated_at = now()
+    WHERE checkout_id = :checkout_id AND status = :source
+    """
 )
-_RELEASE_STOCK = text(
-    "UPDATE stock SET reserved = stock.reserved - v.quantity, updated_at = now()"
-    " FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)"
-    " WHERE stock.sku = v.sku"
-)
-_RETURN_STOCK = text(
-    "UPDATE stock SET on_hand = stock.on_hand + v.quantity, updated_at = now()"
-    " FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)"
-    " WHERE stock.sku = v.sku"
-)
-_SET_STATUS = text(
-    "UPDATE reservations SET status = :target, updated_at = now()"
-    " WHERE checkout_id = :checkout_id AND status = :source"
+_RETURN = text(
+    """
+    WITH returned AS (
+        UPDATE stock SET on_hand = stock.on_hand + v.quantity, updated_at = now()
+        FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
+        WHERE stock.sku = v.sku
+    )
+    UPDATE reservations SET status = :target, updated_at = now()
+    WHERE checkout_id = :checkout_id AND status = :source
+    """
 )
 
 
@@ -158,14 +177,15 @@ class StockLedger:
         if shortages:
             raise InsufficientStock(shortages)
 
-        params = {
-            "checkout_id": checkout_id,
-            "skus": skus,
-            "quantities": list(wanted.values()),
-            "expires_at": expires_at,
-        }
-        await session.execute(_ADD_RESERVED, params)
-        await session.execute(_INSERT_RESERVATIONS, params)
+        await session.execute(
+            _RESERVE,
+            {
+                "checkout_id": checkout_id,
+                "skus": skus,
+                "quantities": list(wanted.values()),
+                "expires_at": expires_at,
+            },
+        )
         return ReservationResult(
             checkout_id=checkout_id,
             status=ACTIVE,
@@ -188,7 +208,7 @@ class StockLedger:
             return await self._commit(own, checkout_id)
 
     async def _commit(self, session: AsyncSession, checkout_id: uuid.UUID) -> ReservationResult:
-        result = await self._move(session, checkout_id, ACTIVE, COMMITTED, _COMMIT_STOCK)
+        result = await self._move(session, checkout_id, ACTIVE, COMMITTED, _COMMIT)
         if result.status != COMMITTED:
             raise _not_in(result, "active")
         return result
@@ -209,7 +229,7 @@ class StockLedger:
     async def _release(self, session: AsyncSession, checkout_id: uuid.UUID) -> ReservationResult:
         try:
             # A committed reservation comes back as it is: the sale stands.
-            return await self._move(session, checkout_id, ACTIVE, RELEASED, _RELEASE_STOCK)
+            return await self._move(session, checkout_id, ACTIVE, RELEASED, _RELEASE)
         except NotFound:
             return ReservationResult(checkout_id, RELEASED, (), None)
 
@@ -219,7 +239,7 @@ class StockLedger:
         Runs inside the caller's transaction (the order becomes `refunded` in the same one).
         Raises `InvalidState` unless the reservation was committed (or already returned).
         """
-        result = await self._move(session, checkout_id, COMMITTED, RETURNED, _RETURN_STOCK)
+        result = await self._move(session, checkout_id, COMMITTED, RETURNED, _RETURN)
         if result.status != RETURNED:
             raise _not_in(result, "sold")
         return result
@@ -234,9 +254,9 @@ class StockLedger:
         checkout_id: uuid.UUID,
         source: str,
         target: str,
-        stock_update: Any,
+        statement: Any,
     ) -> ReservationResult:
-        """Move the checkout's reservation from `source` to `target` with its stock update.
+        """Move the checkout's reservation from `source` to `target` with its stock change.
 
         Returns it unchanged if it is in any other status (already `target` included): the
         caller decides what that means.
@@ -249,11 +269,14 @@ class StockLedger:
         skus = [line.sku for line in current.lines]
         await session.execute(_LOCK_STOCK, {"skus": skus})
         await session.execute(
-            stock_update,
-            {"skus": skus, "quantities": [line.quantity for line in current.lines]},
-        )
-        await session.execute(
-            _SET_STATUS, {"checkout_id": checkout_id, "source": source, "target": target}
+            statement,
+            {
+                "skus": skus,
+                "quantities": [line.quantity for line in current.lines],
+                "checkout_id": checkout_id,
+                "source": source,
+                "target": target,
+            },
         )
         return ReservationResult(checkout_id, target, current.lines, current.expires_at)
 

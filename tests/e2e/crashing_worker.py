@@ -16,6 +16,7 @@ from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, 
 
 from core.db import create_engine, create_session_factory
 from core.settings import Settings
+from core.stripe_gateway import create_gateway
 from core.temporal import connect
 from worker import build_worker
 
@@ -37,7 +38,8 @@ async def main() -> None:
     settings = Settings()
     engine = create_engine(settings)
     client = await connect(settings)
-    worker = build_worker(settings, client, create_session_factory(engine), [KillAfter()])
+    gateway = create_gateway(settings)
+    worker = build_worker(settings, client, create_session_factory(engine), gateway, [KillAfter()])
     print("worker ready", flush=True)
     await worker.run()
 

@@ -28,6 +28,7 @@ from api.app import create_app
 from api.deps import Services
 from core.db import create_engine, create_session_factory
 from core.settings import Settings
+from core.stripe_gateway import create_gateway
 from core.temporal import connect
 from tests.conftest import PROJECT_ROOT, free_port
 from worker import build_worker
@@ -202,7 +203,8 @@ async def running_stack(
     settings = settings.model_copy(update={"stripe_api_base": proxy.url, "api_port": api_port})
     engine = create_engine(settings)
     client = await connect(settings)
-    worker = build_worker(settings, client, create_session_factory(engine))
+    gateway = create_gateway(settings)
+    worker = build_worker(settings, client, create_session_factory(engine), gateway)
     app = create_app(settings)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=api_port, log_level="warning", lifespan="on")
@@ -231,6 +233,7 @@ async def running_stack(
         await serving
         await stripe.http.aclose()
         await proxy.stop()
+        await gateway.aclose()
         await engine.dispose()
         standin.terminate()
         standin.wait(10)

@@ -121,9 +121,11 @@ _CREATE_ORDER = text(
     ), timeline AS (
         INSERT INTO order_events (order_id, type, data, dedupe_key)
         SELECT new_order.id, e.type, CAST(e.data AS jsonb), e.dedupe_key
-        FROM new_order, (VALUES ('stock_reserved', CAST(:reserved AS text), :reserved_key),
-                                ('order_created', CAST(:created AS text), :created_key))
-             AS e(type, data, dedupe_key)
+        FROM new_order, (VALUES (1, 'stock_reserved', CAST(:reserved AS text), :reserved_key),
+                                (2, 'order_created', CAST(:created AS text), :created_key))
+             AS e(position, type, data, dedupe_key)
+        -- Both have the same `at`; ids in this order keep the timeline in this order.
+        ORDER BY e.position
     ), announced AS (
         INSERT INTO outbox (topic, aggregate_id, payload, dedupe_key)
         SELECT 'order.created', CAST(new_order.id AS text), CAST(:announcement AS jsonb),

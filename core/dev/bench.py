@@ -12,8 +12,10 @@ workflow committing the stock and marking the order paid. It prints:
 - CPU seconds per completed checkout, summed over the stack's processes (API, worker,
   Temporal, PostgreSQL and its backends, stand-in), and how they split.
 
-The load generator (this process) is not counted. Usage:
-    python -m core.dev.bench [--levels 1,10,50] [--checkouts-per-client 30]
+The load generator (this process) is not counted. Then, on the same dev server, the floor: the
+checkout workflow's Temporal skeleton with no-op activities (core/dev/bench_floor.py), which no
+checkout can beat on this machine. Usage:
+    python -m core.dev.bench [--levels 1,10,50] [--checkouts-per-client 30] [--floor-levels 1,10]
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import asyncio
 import base64
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,7 +37,8 @@ import aiohttp
 import psutil
 import psycopg
 
-from core.dev.stack import Ports, Stack
+from core.dev import bench_floor
+from core.dev.stack import PROJECT_ROOT, Ports, Stack
 from core.settings import DEV_ADMIN_TOKEN, DEV_STRIPE_SECRET_KEY
 
 SKUS = [f"BENCH-{i:03d}" for i in range(200)]
@@ -191,10 +196,46 @@ async def _seed(api: str) -> None:
                 response.raise_for_status()
 
 
+def _floor(stack: Stack, levels: list[int]) -> None:
+    """The same dev server running the checkout's Temporal skeleton with no-op activities."""
+    address = stack.env["TEMPORAL_ADDRESS"]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "core.dev.bench_floor", "--worker", address],
+        cwd=PROJECT_ROOT,
+    )
+    try:
+        temporal = next(c for c in stack.supervisor.children if c.name == "temporal")
+        processes = {
+            "temporal": psutil.Process(temporal.proc.pid),
+            "worker": psutil.Process(worker.pid),
+        }
+        print(
+            "\nfloor: the same Temporal interactions with no-op activities, no API, database or"
+            " Stripe\n"
+            f"{'conc':>4} {'wf/s':>7} | Update-with-Start p50 ms | CPU s/workflow  (split)"
+        )
+        for concurrency in levels:
+            result = asyncio.run(bench_floor.measure(address, concurrency, 15, processes))
+            split = " ".join(f"{k}={v:.1f}ms" for k, v in result.cpu_ms.items())
+            print(
+                f"{concurrency:>4} {result.per_second:>7.1f} | {result.start_p50_ms:23.1f} | "
+                f"{sum(result.cpu_ms.values()) / 1000:.4f}  ({split})",
+                flush=True,
+            )
+    finally:
+        worker.terminate()
+        worker.wait(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="complete checkouts against the local stack")
     parser.add_argument("--levels", default="1,10,50")
     parser.add_argument("--checkouts-per-client", type=int, default=0, help="default: by level")
+    parser.add_argument(
+        "--floor-levels",
+        default="1,10",
+        help="concurrencies for the Temporal skeleton (core/dev/bench_floor.py); '' to skip",
+    )
     args = parser.parse_args()
     for name in EXTERNAL:
         os.environ.pop(name, None)
@@ -233,6 +274,8 @@ def main() -> None:
                     + (f"  errors={level.errors}" if level.errors else ""),
                     flush=True,
                 )
+            if args.floor_levels:
+                _floor(stack, [int(x) for x in args.floor_levels.split(",")])
             print(f"\nmachine: {os.cpu_count()} cores, shared by the stack and this load generator")
         finally:
             stack.supervisor.stop_all()

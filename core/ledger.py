@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -78,12 +77,13 @@ _RESERVE = text(
     FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
     """
 )
-# The moves below take the reservation from `:source` to `:target` with their stock change.
-_COMMIT = text(
+# A move takes the checkout's reservation from `:source` to `:target` and changes each line's
+# stock by its quantity times `:on_hand` and `:reserved` (each -1, 0 or 1).
+_MOVE = text(
     """
-    WITH sold AS (
-        UPDATE stock SET on_hand = stock.on_hand - v.quantity,
-                         reserved = stock.reserved - v.quantity, updated_at = now()
+    WITH moved AS (
+        UPDATE stock SET on_hand = stock.on_hand + :on_hand * v.quantity,
+                         reserved = stock.reserved + :reserved * v.quantity, updated_at = now()
         FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
         WHERE stock.sku = v.sku
     )
@@ -91,28 +91,21 @@ _COMMIT = text(
     WHERE checkout_id = :checkout_id AND status = :source
     """
 )
-_RELEASE = text(
-    """
-    WITH released AS (
-        UPDATE stock SET reserved = stock.reserved - v.quantity, updated_at = now()
-        FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
-        WHERE stock.sku = v.sku
-    )
-    UPDATE reservations SET status = :target, updated_at = now()
-    WHERE checkout_id = :checkout_id AND status = :source
-    """
-)
-_RETURN = text(
-    """
-    WITH returned AS (
-        UPDATE stock SET on_hand = stock.on_hand + v.quantity, updated_at = now()
-        FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
-        WHERE stock.sku = v.sku
-    )
-    UPDATE reservations SET status = :target, updated_at = now()
-    WHERE checkout_id = :checkout_id AND status = :source
-    """
-)
+
+
+@dataclass(frozen=True)
+class _Move:
+    source: str
+    target: str
+    on_hand: int
+    reserved: int
+
+
+# Sold: the units leave on hand and reserved together. Released: they are free again.
+# Returned (a refunded sale): they are back on hand.
+_COMMIT = _Move(ACTIVE, COMMITTED, on_hand=-1, reserved=-1)
+_RELEASE = _Move(ACTIVE, RELEASED, on_hand=0, reserved=-1)
+_RETURN = _Move(COMMITTED, RETURNED, on_hand=1, reserved=0)
 
 
 def _not_in(result: ReservationResult, expected: str) -> InvalidState:
@@ -208,7 +201,7 @@ class StockLedger:
             return await self._commit(own, checkout_id)
 
     async def _commit(self, session: AsyncSession, checkout_id: uuid.UUID) -> ReservationResult:
-        result = await self._move(session, checkout_id, ACTIVE, COMMITTED, _COMMIT)
+        result = await self._move(session, checkout_id, _COMMIT)
         if result.status != COMMITTED:
             raise _not_in(result, "active")
         return result
@@ -229,7 +222,7 @@ class StockLedger:
     async def _release(self, session: AsyncSession, checkout_id: uuid.UUID) -> ReservationResult:
         try:
             # A committed reservation comes back as it is: the sale stands.
-            return await self._move(session, checkout_id, ACTIVE, RELEASED, _RELEASE)
+            return await self._move(session, checkout_id, _RELEASE)
         except NotFound:
             return ReservationResult(checkout_id, RELEASED, (), None)
 
@@ -239,7 +232,7 @@ class StockLedger:
         Runs inside the caller's transaction (the order becomes `refunded` in the same one).
         Raises `InvalidState` unless the reservation was committed (or already returned).
         """
-        result = await self._move(session, checkout_id, COMMITTED, RETURNED, _RETURN)
+        result = await self._move(session, checkout_id, _RETURN)
         if result.status != RETURNED:
             raise _not_in(result, "sold")
         return result
@@ -249,36 +242,33 @@ class StockLedger:
             return await self._lines(session, checkout_id, lock=False)
 
     async def _move(
-        self,
-        session: AsyncSession,
-        checkout_id: uuid.UUID,
-        source: str,
-        target: str,
-        statement: Any,
+        self, session: AsyncSession, checkout_id: uuid.UUID, move: _Move
     ) -> ReservationResult:
-        """Move the checkout's reservation from `source` to `target` with its stock change.
+        """Move the checkout's reservation from `move.source` to `move.target` with its stock.
 
-        Returns it unchanged if it is in any other status (already `target` included): the
+        Returns it unchanged if it is in any other status (already the target included): the
         caller decides what that means.
         """
         current = await self._lines(session, checkout_id, lock=True)
         if current is None:
             raise NotFound(f"no reservation for checkout {checkout_id}")
-        if current.status != source:
+        if current.status != move.source:
             return current
         skus = [line.sku for line in current.lines]
         await session.execute(_LOCK_STOCK, {"skus": skus})
         await session.execute(
-            statement,
+            _MOVE,
             {
                 "skus": skus,
                 "quantities": [line.quantity for line in current.lines],
+                "on_hand": move.on_hand,
+                "reserved": move.reserved,
                 "checkout_id": checkout_id,
-                "source": source,
-                "target": target,
+                "source": move.source,
+                "target": move.target,
             },
         )
-        return ReservationResult(checkout_id, target, current.lines, current.expires_at)
+        return ReservationResult(checkout_id, move.target, current.lines, current.expires_at)
 
     @staticmethod
     async def _lines(

@@ -131,7 +131,12 @@ async def open_checkout(
                 fingerprint or input.request_fingerprint,
                 start_workflow_operation=operation,
             )
-    handle = client.get_workflow_handle_for(CheckoutWorkflow.run, f"checkout-{input.checkout_id}")
+    # Typed by hand: mypy's inference of `get_workflow_handle_for(CheckoutWorkflow.run, ...)`
+    # depends on the order in which it reads temporalio's modules (it failed once a benchmark
+    # module importing the client and worker was added).
+    handle: WorkflowHandle[CheckoutWorkflow, CheckoutState] = client.get_workflow_handle(
+        f"checkout-{input.checkout_id}", result_type=CheckoutState
+    )
     return Checkout(handle, start, input)
 
 

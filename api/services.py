@@ -154,24 +154,22 @@ class CheckoutService:
 
         A key whose earlier attempt ended `unavailable` (a dependency was down; nothing was
         kept) gets a new attempt: the attempts of a key form a fixed chain of checkout ids, so
-        concurrent retries walk the same chain and meet in the same checkout.
+        concurrent retries walk the same chain and meet in the same checkout. The request that
+        drove an attempt answers with its outcome; a later one that finds it failed, whether
+        the run has ended or is still compensating, moves on to the next attempt.
         """
         for attempt in range(MAX_ATTEMPTS_PER_KEY):
-            result, finished_before = await self._start_attempt(
-                body, checkout_id_for(idempotency_key, attempt)
-            )
+            result = await self._start_attempt(body, checkout_id_for(idempotency_key, attempt))
             retryable = result.failure is not None and result.failure.code == ErrorCode.UNAVAILABLE
-            if not (finished_before and retryable and idempotency_key):
+            if not (retryable and idempotency_key and not result.first):
                 break
         if result.failure is not None:
             raise _failure_error(result)
         assert result.created is not None
         return result.created, result.first
 
-    async def _start_attempt(
-        self, body: CheckoutIn, checkout_id: uuid.UUID
-    ) -> tuple[StartResult, bool]:
-        """Update-with-Start one checkout id; True with the answer if it had already ended."""
+    async def _start_attempt(self, body: CheckoutIn, checkout_id: uuid.UUID) -> StartResult:
+        """Update-with-Start one checkout id (or, if it has ended, read its answer)."""
         input = CheckoutInput(
             checkout_id=checkout_id,
             order_id=order_id_for(checkout_id),
@@ -209,16 +207,16 @@ class CheckoutService:
             raise self._update_error(exc) from exc
         except WorkflowAlreadyStartedError:
             # The checkout already ran to its end: answer from its final state.
-            return await self._finished_start(checkout_id, input.request_fingerprint), True
+            return await self._finished_start(checkout_id, input.request_fingerprint)
         except RPCError as exc:
             if exc.status != RPCStatusCode.ALREADY_EXISTS:
                 raise _unavailable(exc) from exc
-            return await self._finished_start(checkout_id, input.request_fingerprint), True
+            return await self._finished_start(checkout_id, input.request_fingerprint)
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as exc:
             # The checkout may still open later; the same key then answers with it, and if
             # nobody comes back for it, it expires and gives its stock back.
             raise _unavailable(exc) from exc
-        return result, False
+        return result
 
     async def _finished_start(
         self, checkout_id: uuid.UUID, request_fingerprint: str

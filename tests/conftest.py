@@ -24,7 +24,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -45,6 +46,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def connection_budget(database_url: str, wanted: int) -> int:
+    """How many extra connections the server allows now (the machine's has max 100)."""
+    engine = create_async_engine(database_url, poolclass=NullPool)
+    async with engine.connect() as conn:
+        limit = (await conn.execute(text("SHOW max_connections"))).scalar_one()
+        used = (await conn.execute(text("SELECT count(*) FROM pg_stat_activity"))).scalar_one()
+    await engine.dispose()
+    return max(2, min(wanted, int(limit) - int(used) - 10))
 
 
 def _reachable(url: str) -> bool:

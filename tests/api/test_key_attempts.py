@@ -82,24 +82,27 @@ async def test_a_retry_that_finds_a_failed_attempt_still_compensating_opens_the_
     assert (checkout.checkout_id, first) == (ATTEMPT_1, True)
 
 
-async def test_the_request_that_drove_a_failed_attempt_answers_unavailable() -> None:
-    service = Scripted({ATTEMPT_0: StartResult(failure=UNAVAILABLE, first=True)})
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # The request that drove the attempt answers with its outcome.
+        StartResult(failure=UNAVAILABLE, first=True),
+        # Refusals other than `unavailable` are final for every request.
+        StartResult(
+            failure=CheckoutFailure(code=ErrorCode.INSUFFICIENT_STOCK, message="short"),
+            first=False,
+        ),
+    ],
+    ids=["drove-it", "insufficient-stock"],
+)
+async def test_a_final_answer_opens_no_next_attempt(answer: StartResult) -> None:
+    service = Scripted({ATTEMPT_0: answer})
 
     with pytest.raises(ServiceError) as refused:
         await service.start(BODY, KEY)
 
-    assert refused.value.code == ErrorCode.UNAVAILABLE
-    assert service.asked == [ATTEMPT_0]
-
-
-async def test_other_refusals_are_final_for_every_request() -> None:
-    short = CheckoutFailure(code=ErrorCode.INSUFFICIENT_STOCK, message="short", details=[])
-    service = Scripted({ATTEMPT_0: StartResult(failure=short, first=False)})
-
-    with pytest.raises(ServiceError) as refused:
-        await service.start(BODY, KEY)
-
-    assert refused.value.code == ErrorCode.INSUFFICIENT_STOCK
+    assert answer.failure is not None
+    assert refused.value.code == answer.failure.code
     assert service.asked == [ATTEMPT_0]
 
 

@@ -15,6 +15,7 @@ from core.catalog import Catalog, Inventory
 from core.db import SessionFactory
 from core.errors import InsufficientStock, InvalidState, NotFound, UnknownSku
 from core.ledger import StockLedger
+from tests.conftest import connection_budget
 
 
 @pytest.fixture
@@ -202,22 +203,12 @@ async def test_concurrent_commit_and_release_settle_exactly_once(
     assert await levels(catalog, "mug") == {"mug": (100 - sold, 0)}
 
 
-async def _connection_budget(database_url: str, wanted: int) -> int:
-    """How many extra connections the server allows now (the machine's has max 100)."""
-    engine = create_async_engine(database_url, poolclass=NullPool)
-    async with engine.connect() as conn:
-        limit = (await conn.execute(text("SHOW max_connections"))).scalar_one()
-        used = (await conn.execute(text("SELECT count(*) FROM pg_stat_activity"))).scalar_one()
-    await engine.dispose()
-    return max(2, min(wanted, int(limit) - int(used) - 10))
-
-
 async def test_200_concurrent_one_unit_reservations_sell_exactly_the_stock(
     catalog: Catalog, database_url: str
 ) -> None:
     await stock(catalog, "last-ten", 10)
     attempts = 200
-    budget = await _connection_budget(database_url, attempts)
+    budget = await connection_budget(database_url, attempts)
     # Every attempt runs on its own connection (no pool sharing), as separate clients would.
     engine = create_async_engine(database_url, poolclass=NullPool)
     from core.db import create_session_factory

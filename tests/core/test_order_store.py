@@ -14,33 +14,23 @@ from typing import Any
 import pytest
 from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
 
 from core.catalog import Catalog, PricedCart, PricedLine
 from core.db import SessionFactory, create_session_factory
 from core.errors import InsufficientStock
 from core.ledger import StockLedger, merge_lines
 from core.orders import NewOrder, OrderStore
+from tests.conftest import connection_budget
 
 # Seconds any one burst of concurrent calls may take before the test calls it a hang.
 BURST_LIMIT = 15
-
-
-async def _connection_budget(database_url: str, wanted: int) -> int:
-    """How many extra connections the server allows now (the machine's has max 100)."""
-    engine = create_async_engine(database_url, poolclass=NullPool)
-    async with engine.connect() as conn:
-        limit = (await conn.execute(text("SHOW max_connections"))).scalar_one()
-        used = (await conn.execute(text("SELECT count(*) FROM pg_stat_activity"))).scalar_one()
-    await engine.dispose()
-    return max(2, min(wanted, int(limit) - int(used) - 10))
 
 
 @pytest.fixture
 async def store(db: SessionFactory, database_url: str) -> AsyncIterator[OrderStore]:
     """The production store over its own pool, wide enough for the concurrent calls to
     really meet in the database rather than queue for connections."""
-    budget = await _connection_budget(database_url, 60)
+    budget = await connection_budget(database_url, 60)
     name = f"order-store-test-{uuid.uuid4().hex[:8]}"
     engine = create_async_engine(
         database_url,

@@ -176,8 +176,6 @@ class OutboxMessage(Base):
 # Core tables for the checkout's hot write paths: a Core INSERT or UPDATE skips the ORM's
 # per-row bookkeeping, which was the largest part of the worker's database CPU (py-spy).
 ORDERS = cast(Table, Order.__table__)
-ORDER_ITEMS = cast(Table, OrderItem.__table__)
 ORDER_EVENTS = cast(Table, OrderEvent.__table__)
 OUTBOX = cast(Table, OutboxMessage.__table__)
-PAYMENTS = cast(Table, Payment.__table__)
 PROCESSED_WEBHOOK_EVENTS = cast(Table, ProcessedWebhookEvent.__table__)

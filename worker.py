@@ -18,7 +18,7 @@ from activities.refunds import RefundActivities
 from core.db import SessionFactory, create_engine, create_session_factory
 from core.ledger import StockLedger
 from core.orders import OrderStore
-from core.settings import Settings
+from core.settings import Settings, load_settings
 from core.stripe_gateway import StripeGateway, create_gateway
 from core.temporal import connect
 from workflows.checkout import CheckoutWorkflow
@@ -70,7 +70,7 @@ def workflow_runner(settings: Settings) -> WorkflowRunner:
 
 async def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = Settings()
+    settings = load_settings()
     engine = create_engine(settings)
     client = await connect(settings)
     gateway = create_gateway(settings)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import uvicorn
 
 from api.app import create_app
-from core.settings import Settings
+from core.settings import load_settings
 
 
 def main() -> None:
-    settings = Settings()
+    settings = load_settings()
     uvicorn.run(
         create_app(settings),
         host=settings.api_host,

@@ -7,17 +7,22 @@ lives at the edge, in `api.errors`.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 
-class ErrorCode:
+class ErrorCode(StrEnum):
     VALIDATION_ERROR = "validation_error"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNKNOWN_SKU = "unknown_sku"
     INSUFFICIENT_STOCK = "insufficient_stock"
+    QUANTITY_LIMIT_EXCEEDED = "quantity_limit_exceeded"
+    TOO_MANY_PENDING_CHECKOUTS = "too_many_pending_checkouts"
+    RATE_LIMITED = "rate_limited"
     STOCK_BELOW_RESERVED = "stock_below_reserved"
     INVALID_STATE = "invalid_state"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
@@ -27,10 +32,19 @@ class ErrorCode:
     INTERNAL_ERROR = "internal_error"
 
 
-# A checkout refused because of its cart (not because a dependency failed): final, never
-# retried, and answered to the client with its code.
+# A checkout refused because of its request (not because a dependency failed): final, never
+# retried, and answered to the client with its code. INTERNAL_ERROR is a data or constraint
+# error no retry can fix (a bug): refused at once too, with nothing kept.
 CART_REFUSALS = frozenset(
-    {ErrorCode.INSUFFICIENT_STOCK, ErrorCode.UNKNOWN_SKU, ErrorCode.VALIDATION_ERROR}
+    {
+        ErrorCode.INSUFFICIENT_STOCK,
+        ErrorCode.UNKNOWN_SKU,
+        ErrorCode.VALIDATION_ERROR,
+        ErrorCode.QUANTITY_LIMIT_EXCEEDED,
+        ErrorCode.TOO_MANY_PENDING_CHECKOUTS,
+        ErrorCode.INVALID_STATE,
+        ErrorCode.INTERNAL_ERROR,
+    }
 )
 
 
@@ -84,3 +98,37 @@ class Unavailable(ServiceError):
 
 class Unauthorized(ServiceError):
     code = ErrorCode.UNAUTHORIZED
+
+
+class Forbidden(ServiceError):
+    code = ErrorCode.FORBIDDEN
+
+
+class QuantityLimitExceeded(ServiceError):
+    """A line asks for more units of a SKU than its `max_per_order`."""
+
+    code = ErrorCode.QUANTITY_LIMIT_EXCEEDED
+
+    def __init__(self, over: list[dict[str, Any]]) -> None:
+        skus = ", ".join(f"{o['sku']} (at most {o['max']})" for o in over)
+        super().__init__(f"too many units in one checkout: {skus}", details=over)
+
+
+class TooManyPendingCheckouts(ServiceError):
+    code = ErrorCode.TOO_MANY_PENDING_CHECKOUTS
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this customer already has {limit} checkouts waiting for payment; pay or cancel one",
+            details={"limit": limit},
+        )
+
+
+class RateLimited(ServiceError):
+    """Too many requests; `retry_after` seconds until the next one is accepted."""
+
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, details={"retry_after": retry_after})
+        self.retry_after = retry_after

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import text
 
 from core.db import SessionFactory, create_engine, create_session_factory
-from core.settings import Settings
+from core.settings import load_settings
 from core.stripe_gateway import StripeGateway, create_gateway
 
 _RESERVED_MATCHES_ACTIVE = text(
@@ -123,7 +123,7 @@ async def check(sessions: SessionFactory, stripe: StripeGateway | None = None) -
 
 
 async def _main() -> int:
-    settings = Settings()
+    settings = load_settings()
     engine = create_engine(settings)
     gateway = create_gateway(settings)
     try:

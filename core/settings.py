@@ -1,25 +1,80 @@
-"""One settings class for the API, the worker and the tools, read from the environment."""
+"""One settings class for the API, the worker and the tools, read from the environment.
+
+Secrets fail closed: `ENVIRONMENT` is `production` unless set, and outside `development` the
+service refuses to start when a secret is missing, empty, a known placeholder or shorter than
+16 characters (`load_settings` prints which variable and exits non-zero). Only `development`
+(what `make run` and the tests set) fills unset secrets with the placeholders below.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import sys
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEVELOPMENT = "development"
 
 # Development defaults: good enough for `make run` and the tests, refused anywhere else.
 DEV_ADMIN_TOKEN = "dev-admin-token"  # noqa: S105
 DEV_STRIPE_SECRET_KEY = "sk_test_localstripe"  # noqa: S105
 DEV_STRIPE_WEBHOOK_SECRET = "whsec_localstripe_dev"  # noqa: S105
-_PLACEHOLDERS = {DEV_ADMIN_TOKEN, DEV_STRIPE_SECRET_KEY, DEV_STRIPE_WEBHOOK_SECRET}
+DEV_SECRET_KEY = "dev-secret-key-not-for-production"  # noqa: S105
+_DEV_SECRETS = {
+    "admin_token": DEV_ADMIN_TOKEN,
+    "stripe_secret_key": DEV_STRIPE_SECRET_KEY,
+    "stripe_webhook_secret": DEV_STRIPE_WEBHOOK_SECRET,
+    "secret_key": DEV_SECRET_KEY,
+}
+# Values people leave in place from examples and templates (compared case-insensitively).
+_PLACEHOLDER_WORDS = ("changeme", "change-me", "change_me", "placeholder", "replace-me", "xxxx")
+_PLACEHOLDERS = {v.lower() for v in _DEV_SECRETS.values()} | {
+    "secret",
+    "password",
+    "admin",
+    "token",
+    "test",
+    "default",
+}
+MIN_SECRET_LENGTH = 16
+# RFC 7518 section 3.2: an HS256 key is at least as long as the hash, 32 bytes.
+MIN_JWT_SECRET_LENGTH = 32
 
 
-class Settings(BaseSettings):
+class DatabaseSettings(BaseSettings):
+    """What migrations need: only the database, no secrets."""
+
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 
-    environment: Literal["development", "test", "production"] = "development"
-
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/checkout"
+
+    @field_validator("database_url")
+    @classmethod
+    def _use_psycopg3(cls, url: str) -> str:
+        """Accept the libpq-style URLs people paste and run them on psycopg 3."""
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+
+def _weakness(value: str, minimum: int) -> str | None:
+    """Why a secret must not be used outside development, or None."""
+    if not value.strip():
+        return "is missing or empty"
+    lowered = value.strip().lower()
+    if lowered in _PLACEHOLDERS or any(word in lowered for word in _PLACEHOLDER_WORDS):
+        return "is a placeholder"
+    if len(value) < minimum:
+        return f"is shorter than {minimum} characters"
+    return None
+
+
+class Settings(DatabaseSettings):
+    # Anything but exactly `development` is treated as production: secrets fail closed.
+    environment: str = "production"
+
     database_pool_size: int = Field(default=10, ge=1)
     database_max_overflow: int = Field(default=20, ge=0)
 
@@ -32,13 +87,36 @@ class Settings(BaseSettings):
     # the full sandbox and the replay test replays recorded histories through it.
     temporal_workflow_sandbox: bool = False
 
-    stripe_secret_key: SecretStr = SecretStr(DEV_STRIPE_SECRET_KEY)
-    stripe_webhook_secret: SecretStr = SecretStr(DEV_STRIPE_WEBHOOK_SECRET)
+    # Empty means unset: filled with a placeholder in development, refused elsewhere.
+    stripe_secret_key: SecretStr = SecretStr("")
+    stripe_webhook_secret: SecretStr = SecretStr("")
     # Unset means real Stripe; the dev stack points it at the stand-in.
     stripe_api_base: str | None = None
 
     checkout_payment_timeout: int = Field(default=900, ge=1, description="seconds")
-    admin_token: SecretStr = SecretStr(DEV_ADMIN_TOKEN)
+    admin_token: SecretStr = SecretStr("")
+    # The server's own secret: order access tokens are HMACs under it, and the client secrets
+    # kept for idempotent replays are encrypted with a key derived from it.
+    secret_key: SecretStr = SecretStr("")
+
+    # Customer JWTs: HS256 under the secret, or RS256/ES256 against the JWKS. Neither set: the
+    # service serves guests and admin only.
+    customer_jwt_secret: SecretStr | None = None
+    customer_jwks_url: str | None = None
+    customer_jwt_issuer: str | None = None
+    customer_jwt_audience: str | None = None
+
+    # How long an Idempotency-Key keeps its answer (never less than the payment window).
+    idempotency_key_ttl: int = Field(default=86400, ge=1, description="seconds")
+    # Per client address and per customer, in the `limits` notation ("30/minute").
+    rate_limit_checkouts: str = "30/minute"
+    max_pending_checkouts: int = Field(default=3, ge=1)
+    # Shared rate-limit counters between API processes; unset: per process.
+    redis_url: str | None = None
+    # Addresses or CIDRs of the reverse proxies whose X-Forwarded-For is believed.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Seconds between two runs of the `checkout-reconciler` schedule.
+    reconcile_interval: int = Field(default=60, ge=1)
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
@@ -46,20 +124,53 @@ class Settings(BaseSettings):
     # Requests larger than this are refused with 413 before their body is parsed.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 
-    @field_validator("database_url")
+    @field_validator("trusted_proxies", mode="before")
     @classmethod
-    def _use_psycopg3(cls, url: str) -> str:
-        """Accept the libpq-style URLs people paste and run them on psycopg 3."""
-        for prefix in ("postgresql://", "postgres://"):
-            if url.startswith(prefix):
-                return "postgresql+psycopg://" + url[len(prefix) :]
-        return url
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def development(self) -> bool:
+        return self.environment == DEVELOPMENT
 
     @model_validator(mode="after")
-    def _no_placeholder_secrets_in_production(self) -> Settings:
-        if self.environment == "production":
-            for name in ("admin_token", "stripe_secret_key", "stripe_webhook_secret"):
-                value: SecretStr = getattr(self, name)
-                if value.get_secret_value() in _PLACEHOLDERS:
-                    raise ValueError(f"{name.upper()} must be set outside development")
+    def _secrets_fail_closed(self) -> Settings:
+        if self.development:
+            for name, placeholder in _DEV_SECRETS.items():
+                if not getattr(self, name).get_secret_value():
+                    setattr(self, name, SecretStr(placeholder))
+            return self
+        problems = []
+        for name in _DEV_SECRETS:
+            why = _weakness(getattr(self, name).get_secret_value(), MIN_SECRET_LENGTH)
+            if why:
+                problems.append(f"{name.upper()} {why}")
+        if self.customer_jwt_secret is not None:
+            why = _weakness(self.customer_jwt_secret.get_secret_value(), MIN_JWT_SECRET_LENGTH)
+            if why:
+                problems.append(f"CUSTOMER_JWT_SECRET {why}")
+        if problems:
+            raise ValueError(
+                f"ENVIRONMENT={self.environment}: " + "; ".join(problems)
+                + " (set them, or ENVIRONMENT=development for local use)"
+            )
         return self
+
+    @property
+    def idempotency_ttl_seconds(self) -> int:
+        """A key outlives its checkout's payment window, whatever the configuration says."""
+        return max(self.idempotency_key_ttl, self.checkout_payment_timeout + 3600)
+
+
+def load_settings() -> Settings:
+    """Settings for a process's `main()`: a configuration error names the variable and exits 2
+    instead of starting on a bad or missing secret."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ())) or "configuration"
+            print(f"configuration error: {where.upper()}: {error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,11 +1,24 @@
-"""The Temporal client, built the same way for the API, the worker and the tools."""
+"""The Temporal client, built the same way for the API, the worker and the tools, and the one
+retry Temporal's answers call for."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from temporalio.api.enums.v1 import ResourceExhaustedCause
+from temporalio.api.errordetails.v1 import MultiOperationExecutionFailure, ResourceExhaustedFailure
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError, RPCStatusCode
 
 from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 async def connect(settings: Settings, *, lazy: bool = False) -> Client:
@@ -17,3 +30,42 @@ async def connect(settings: Settings, *, lazy: bool = False) -> Client:
         data_converter=pydantic_data_converter,
         lazy=lazy,
     )
+
+
+# Temporal refuses an update or a signal that reaches a run in the instant it is completing
+# ("workflow is closing": RESOURCE_EXHAUSTED with cause BUSY_WORKFLOW). Asked again a moment
+# later, the run is closed and the caller gets a definite answer, so these are retried briefly
+# instead of becoming a 503. Other RESOURCE_EXHAUSTED causes (rate limits, an overloaded
+# server) are not: retrying would only add load.
+BUSY_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+
+def workflow_busy(exc: RPCError) -> bool:
+    if exc.status == RPCStatusCode.ABORTED:
+        return True
+    if exc.status != RPCStatusCode.RESOURCE_EXHAUSTED:
+        return False
+    details = list(exc.grpc_status.details)
+    multi = MultiOperationExecutionFailure()
+    # Update-with-Start reports each operation's status inside one multi-operation failure.
+    for detail in list(details):
+        if detail.Unpack(multi):
+            details += [d for status in multi.statuses for d in status.details]
+    failure = ResourceExhaustedFailure()
+    return any(
+        detail.Unpack(failure)
+        and failure.cause == ResourceExhaustedCause.RESOURCE_EXHAUSTED_CAUSE_BUSY_WORKFLOW
+        for detail in details
+    )
+
+
+async def retry_while_busy(call: Callable[[], Awaitable[T]]) -> T:
+    for delay in BUSY_RETRY_DELAYS:
+        try:
+            return await call()
+        except RPCError as exc:
+            if not workflow_busy(exc):
+                raise
+            log.info("workflow busy (%s); retrying in %.2fs", exc.message, delay)
+            await asyncio.sleep(delay)
+    return await call()

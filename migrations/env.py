@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from core.models import Base
-from core.settings import Settings
+from core.settings import DatabaseSettings
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
@@ -19,7 +19,7 @@ target_metadata = Base.metadata
 
 def _database_url() -> str:
     # Tests and tools pass a URL explicitly; otherwise DATABASE_URL, as for the service.
-    return str(config.attributes.get("database_url") or Settings().database_url)
+    return str(config.attributes.get("database_url") or DatabaseSettings().database_url)
 
 
 def run_migrations_offline() -> None:

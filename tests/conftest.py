@@ -123,7 +123,9 @@ def database_url(postgres_server: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(database_url: str) -> Settings:
-    return Settings(environment="test", database_url=database_url, admin_token="test-admin-token")
+    return Settings(
+        environment="development", database_url=database_url, admin_token="test-admin-token"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,9 @@ class Stack:
         self.ports = ports
         self.env = dict(os.environ)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        # `make run` is for development: unset secrets take the development placeholders. Set
+        # ENVIRONMENT=production to run it with real secrets (then every secret must be set).
+        self.env.setdefault("ENVIRONMENT", "development")
         self.supervisor = Supervisor(self.data_dir / "logs", console=None if quiet else sys.stdout)
         self.where: list[tuple[str, str]] = []
 

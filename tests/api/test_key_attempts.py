@@ -43,7 +43,7 @@ class Scripted(CheckoutService):
 
     def __init__(self, answers: dict[uuid.UUID, StartResult]) -> None:
         # No Temporal client or order store: `_start_attempt`, their only user, is scripted.
-        super().__init__(client=None, settings=Settings(), orders=None)  # type: ignore[arg-type]
+        super().__init__(client=None, settings=Settings(environment="development"), orders=None)  # type: ignore[arg-type]
         self.answers = answers
         self.asked: list[uuid.UUID] = []
 

@@ -35,7 +35,7 @@ class KillAfter(Interceptor):
 
 
 async def main() -> None:
-    settings = Settings()
+    settings = Settings(environment="development")
     engine = create_engine(settings)
     client = await connect(settings)
     gateway = create_gateway(settings)

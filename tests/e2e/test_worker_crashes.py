@@ -45,6 +45,7 @@ def worker_process(
     settings = stack.settings
     env = {
         **os.environ,
+        "ENVIRONMENT": "development",
         "DATABASE_URL": settings.database_url,
         "TEMPORAL_ADDRESS": settings.temporal_address,
         "TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,

@@ -153,7 +153,8 @@ class Settings(DatabaseSettings):
                 problems.append(f"CUSTOMER_JWT_SECRET {why}")
         if problems:
             raise ValueError(
-                f"ENVIRONMENT={self.environment}: " + "; ".join(problems)
+                f"ENVIRONMENT={self.environment}: "
+                + "; ".join(problems)
                 + " (set them, or ENVIRONMENT=development for local use)"
             )
         return self

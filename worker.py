@@ -18,6 +18,7 @@ from activities.refunds import RefundActivities
 from core.db import SessionFactory, create_engine, create_session_factory
 from core.ledger import StockLedger
 from core.orders import OrderStore
+from core.sealing import Sealer
 from core.settings import Settings, load_settings
 from core.stripe_gateway import StripeGateway, create_gateway
 from core.temporal import connect
@@ -36,7 +37,7 @@ def build_worker(
 ) -> Worker:
     orders = OrderStore(sessions, StockLedger(sessions))
     order_activities = OrderActivities(orders)
-    payments = PaymentActivities(gateway, orders)
+    payments = PaymentActivities(gateway, orders, Sealer(settings.secret_key.get_secret_value()))
     refunds = RefundActivities(gateway, orders)
     return Worker(
         client,

@@ -8,10 +8,9 @@ from typing import Any
 
 from pydantic import BaseModel
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
+from activities.refusals import refused_at_once
 from core.catalog import PricedCart
-from core.errors import CART_REFUSALS, ServiceError
 from core.orders import NewOrder, OrderStore
 from workflows.models import CartItem, Customer, LineOut
 
@@ -23,6 +22,7 @@ class OpenOrderInput(BaseModel):
     items: list[CartItem]
     metadata: dict[str, Any]
     expires_at: datetime
+    max_pending: int | None = None
 
 
 class PricedCartOut(BaseModel):
@@ -54,6 +54,8 @@ class CloseOrderInput(BaseModel):
     status: str
     reason: str
     payment_intent_status: str | None = None
+    # A refused checkout (nothing kept) frees its Idempotency-Key.
+    release_key: bool = False
 
 
 class OrderEventInput(BaseModel):
@@ -71,7 +73,7 @@ class OrderActivities:
     async def open_order(self, input: OpenOrderInput) -> PricedCartOut:
         """Price the cart, reserve its stock (all or none) and create the pending order, in one
         transaction; a retry returns the cart as first recorded. Refusals are not retried."""
-        try:
+        with refused_at_once(input.checkout_id):
             cart, _ = await self._orders.open(
                 NewOrder(
                     checkout_id=input.checkout_id,
@@ -81,15 +83,9 @@ class OrderActivities:
                     items=[(item.sku, item.quantity) for item in input.items],
                     metadata=input.metadata,
                     expires_at=input.expires_at,
+                    max_pending=input.max_pending,
                 )
             )
-        except ServiceError as exc:
-            if exc.code not in CART_REFUSALS:
-                raise
-            # Retrying will not create stock or products: fail the step, the workflow decides.
-            raise ApplicationError(
-                exc.message, exc.details, type=exc.code, non_retryable=True
-            ) from exc
         return PricedCartOut.of(cart)
 
     @activity.defn(name="close_order")
@@ -101,6 +97,7 @@ class OrderActivities:
             status=input.status,
             reason=input.reason,
             intent_status=input.payment_intent_status,
+            release_key=input.release_key,
         )
 
     @activity.defn(name="record_order_event")

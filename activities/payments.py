@@ -10,7 +10,9 @@ from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.refusals import refused_at_once
 from core.orders import OrderStore
+from core.sealing import Sealer
 from core.stripe_gateway import Intent, StripeGateway
 
 
@@ -75,9 +77,10 @@ def _non_retryable(exc: stripe.StripeError) -> ApplicationError | None:
 
 
 class PaymentActivities:
-    def __init__(self, gateway: StripeGateway, orders: OrderStore) -> None:
+    def __init__(self, gateway: StripeGateway, orders: OrderStore, sealer: Sealer) -> None:
         self._stripe = gateway
         self._orders = orders
+        self._sealer = sealer
 
     async def _create(self, input: PaymentIntentInput) -> Intent:
         return await self._stripe.create_intent(
@@ -97,13 +100,18 @@ class PaymentActivities:
             if final is not None:
                 raise final from exc
             raise
-        await self._orders.attach_payment(
-            input.order_id,
-            intent_id=intent.id,
-            status=intent.status,
-            amount=intent.amount,
-            currency=intent.currency,
-        )
+        with refused_at_once(input.checkout_id):
+            await self._orders.attach_payment(
+                input.order_id,
+                intent_id=intent.id,
+                status=intent.status,
+                amount=intent.amount,
+                currency=intent.currency,
+                # Kept sealed so a replay of the Idempotency-Key can answer without Stripe.
+                client_secret_sealed=(
+                    self._sealer.seal(intent.client_secret) if intent.client_secret else None
+                ),
+            )
         return IntentOut.of(intent)
 
     @activity.defn(name="cancel_payment_intent")

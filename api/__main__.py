@@ -18,6 +18,9 @@ def main() -> None:
         access_log=settings.api_access_log,
         # Stripe and the clients send small bodies; keep-alive helps the load generator.
         timeout_keep_alive=30,
+        # uvicorn would believe X-Forwarded-For from 127.0.0.1; only TRUSTED_PROXIES counts
+        # (api.client_address.ClientAddressMiddleware).
+        proxy_headers=False,
     )
 
 

@@ -7,30 +7,41 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.access import OrderAccess
+from api.auth import Authenticator
+from api.client_address import ClientAddressMiddleware
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
+from api.ratelimit import CheckoutLimiter
 from api.routes import admin, checkout, health, inventory, orders, webhooks
-from api.services import CheckoutService, RefundService, WebhookInbox
+from api.services.checkout import CheckoutService
+from api.services.refund import RefundService
+from api.services.webhook import WebhookInbox
 from core.catalog import Catalog
+from core.checkout_keys import CheckoutKeyStore
 from core.db import create_engine, create_session_factory
 from core.ledger import StockLedger
 from core.orders import OrderStore
-from core.settings import Settings
+from core.sealing import Sealer
+from core.settings import Settings, load_settings
 from core.stripe_gateway import create_gateway
 from core.temporal import connect
+from core.webhook_events import WebhookEventStore
 
 DESCRIPTION = """
 Checkout as a durable Temporal saga: the cart is priced from the catalog, stock is reserved
 (all lines or none), an order and a Stripe PaymentIntent are created, and the payment webhook
 or a durable timer decides between committing and compensating.
 
-Every error has the body `{"error": <code>, "message": <text>, "details": <optional>}`.
+Credentials (`Authorization: Bearer <token>`): the admin token, a customer JWT, or the
+`access_token` that `POST /checkout` returns for its order. Every error has the body
+`{"error": <code>, "message": <text>, "details": <optional>}`.
 """
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or load_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,35 +49,58 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sessions = create_session_factory(engine)
         temporal = await connect(settings, lazy=True)
         gateway = create_gateway(settings)
-        ledger = StockLedger(sessions)
-        orders = OrderStore(sessions, ledger)
+        auth = Authenticator(settings)
+        limiter = CheckoutLimiter(settings.rate_limit_checkouts, settings.redis_url)
+        orders = OrderStore(sessions, StockLedger(sessions))
+        access = OrderAccess(orders)
         app.state.services = Services(
             settings=settings,
             engine=engine,
             sessions=sessions,
             temporal=temporal,
+            auth=auth,
+            limiter=limiter,
             catalog=Catalog(sessions),
-            ledger=ledger,
             orders=orders,
+            access=access,
             stripe=gateway,
-            checkouts=CheckoutService(temporal, settings, orders),
+            checkouts=CheckoutService(
+                temporal,
+                settings,
+                orders,
+                CheckoutKeyStore(sessions),
+                access,
+                limiter,
+                gateway,
+                Sealer(settings.secret_key.get_secret_value()),
+            ),
             refunds=RefundService(temporal, settings, orders),
-            webhooks=WebhookInbox(sessions, temporal, orders, settings.temporal_task_queue),
+            webhooks=WebhookInbox(
+                WebhookEventStore(sessions),
+                temporal,
+                orders,
+                gateway,
+                settings.temporal_task_queue,
+            ),
         )
         try:
             yield
         finally:
+            await limiter.aclose()
+            await auth.aclose()
             await gateway.aclose()
             await engine.dispose()
 
     app = FastAPI(
         title="Checkout saga",
-        version="1.0.0",
+        version="2.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # The client's address for rate limits: X-Forwarded-For only from TRUSTED_PROXIES.
+    app.add_middleware(ClientAddressMiddleware, trusted_proxies=settings.trusted_proxies)
     app.include_router(health.router)
     app.include_router(inventory.router)
     app.include_router(checkout.router)

@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import ErrorCode, ServiceError
+from core.errors import ErrorCode, RateLimited, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,9 @@ HTTP_STATUS: dict[str, int] = {
     ErrorCode.VALIDATION_ERROR: 422,
     ErrorCode.UNKNOWN_SKU: 422,
     ErrorCode.IDEMPOTENCY_KEY_REUSED: 422,
+    ErrorCode.QUANTITY_LIMIT_EXCEEDED: 422,
     ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
@@ -31,6 +33,8 @@ HTTP_STATUS: dict[str, int] = {
     ErrorCode.INVALID_STATE: 409,
     ErrorCode.INVALID_SIGNATURE: 400,
     ErrorCode.INVALID_PAYLOAD: 400,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.TOO_MANY_PENDING_CHECKOUTS: 429,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INTERNAL_ERROR: 500,
 }
@@ -58,7 +62,11 @@ def error_response(
 
 async def _service_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.code == ErrorCode.UNAUTHORIZED else None
+    headers = None
+    if exc.code == ErrorCode.UNAUTHORIZED:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after)}
     return error_response(exc.code, exc.message, exc.details, headers=headers)
 
 

@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 
 SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # Stripe's largest charge for most currencies is 99,999,999 minor units.
 MAX_AMOUNT = 99_999_999
 MAX_STOCK = 2**31 - 1
 
+
+def storable(value: str) -> str:
+    """Refuse what PostgreSQL cannot store in a text or JSONB value: the NUL character and
+    lone surrogates (which have no UTF-8 encoding). Both checks run at C speed."""
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must not contain lone surrogates (invalid Unicode)") from None
+    return value
+
+
+def storable_json(value: Any, depth: int = 0) -> Any:
+    """The same for a JSON value, keys included; also NaN and infinities, which JSONB refuses,
+    and nesting deeper than 32 levels."""
+    if depth > 32:
+        raise ValueError("is nested too deeply (more than 32 levels)")
+    if isinstance(value, str):
+        storable(value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must not contain NaN or Infinity")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable(key)
+            storable_json(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            storable_json(item, depth + 1)
+    return value
+
+
+# Every text field of a request: refused with 422 before anything happens.
+Text = Annotated[str, AfterValidator(storable)]
 Sku = Annotated[str, StringConstraints(pattern=SKU_PATTERN)]
 # Accepted in any case, stored and returned lowercase, as Stripe does.
 Currency = Annotated[
@@ -30,11 +65,18 @@ class ErrorBody(BaseModel):
 class ProductIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    name: Annotated[
+        str,
+        StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+        AfterValidator(storable),
+    ]
     unit_price: Money = Field(description="price of one unit in minor units (cents)")
     currency: Currency = Field(description="ISO 4217 code; stored lowercase", examples=["usd"])
     on_hand: Annotated[int, Field(strict=True, ge=0, le=MAX_STOCK)] = Field(
         description="physical stock; must not fall below what is reserved"
+    )
+    max_per_order: Annotated[int, Field(strict=True, ge=1, le=1000)] | None = Field(
+        default=None, description="at most this many units in one checkout; null: no cap"
     )
 
 
@@ -49,6 +91,7 @@ class ProductOut(InventoryOut):
     name: str
     unit_price: int
     currency: str
+    max_per_order: int | None
 
 
 class HealthOut(BaseModel):
@@ -65,8 +108,11 @@ IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7E]{1,255}$"
 class CustomerIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    email: EmailStr
-    user_id: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    email: Annotated[EmailStr, AfterValidator(storable)]
+    user_id: (
+        Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(storable)]
+        | None
+    ) = None
 
 
 class ItemIn(BaseModel):
@@ -81,7 +127,7 @@ class CheckoutIn(BaseModel):
 
     customer: CustomerIn
     items: list[ItemIn] = Field(min_length=1, max_length=100)
-    metadata: dict[str, Any] | None = None
+    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] | None = None
 
 
 class LineOutSchema(BaseModel):
@@ -110,6 +156,9 @@ class CheckoutPaymentOut(BaseModel):
 class CheckoutOut(BaseModel):
     checkout_id: uuid.UUID
     order_id: uuid.UUID
+    access_token: str = Field(
+        description="reaches this order and its checkout (Authorization: Bearer); keep it"
+    )
     status: str
     currency: str
     items: list[LineOutSchema]
@@ -157,7 +206,7 @@ class OrderEventOut(BaseModel):
     data: dict[str, Any]
 
 
-class OrderOut(BaseModel):
+class OrderSummaryOut(BaseModel):
     order_id: uuid.UUID
     checkout_id: uuid.UUID
     status: str
@@ -168,7 +217,15 @@ class OrderOut(BaseModel):
     payment: OrderPaymentOut | None
     created_at: datetime
     updated_at: datetime
+
+
+class OrderOut(OrderSummaryOut):
     events: list[OrderEventOut]
+
+
+class OrdersPage(BaseModel):
+    orders: list[OrderSummaryOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null: done")
 
 
 class OrderStatusOut(BaseModel):

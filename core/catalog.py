@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import SessionFactory
-from core.errors import ErrorCode, NotFound, ServiceError, StockBelowReserved, UnknownSku
+from core.errors import (
+    ErrorCode,
+    NotFound,
+    QuantityLimitExceeded,
+    ServiceError,
+    StockBelowReserved,
+    UnknownSku,
+)
 
 
 @dataclass(frozen=True)
@@ -30,13 +38,14 @@ class ProductView:
     unit_price: int
     currency: str
     inventory: Inventory
+    max_per_order: int | None = None
 
 
 _UPSERT_PRODUCT = text(
-    "INSERT INTO products (sku, name, unit_price, currency)"
-    " VALUES (:sku, :name, :unit_price, :currency)"
+    "INSERT INTO products (sku, name, unit_price, currency, max_per_order)"
+    " VALUES (:sku, :name, :unit_price, :currency, :max_per_order)"
     " ON CONFLICT (sku) DO UPDATE SET name = excluded.name, unit_price = excluded.unit_price,"
-    " currency = excluded.currency, updated_at = now()"
+    " currency = excluded.currency, max_per_order = excluded.max_per_order, updated_at = now()"
 )
 _ENSURE_STOCK = text(
     "INSERT INTO stock (sku, on_hand, reserved) VALUES (:sku, 0, 0) ON CONFLICT (sku) DO NOTHING"
@@ -51,7 +60,14 @@ class Catalog:
         self._sessions = sessions
 
     async def put_product(
-        self, sku: str, *, name: str, unit_price: int, currency: str, on_hand: int
+        self,
+        sku: str,
+        *,
+        name: str,
+        unit_price: int,
+        currency: str,
+        on_hand: int,
+        max_per_order: int | None = None,
     ) -> ProductView:
         """Create or update a product and set its physical stock, in one transaction.
 
@@ -59,7 +75,13 @@ class Catalog:
         checkouts hold reserved right now.
         """
         async with self._sessions.begin() as session:
-            params = {"sku": sku, "name": name, "unit_price": unit_price, "currency": currency}
+            params = {
+                "sku": sku,
+                "name": name,
+                "unit_price": unit_price,
+                "currency": currency,
+                "max_per_order": max_per_order,
+            }
             await session.execute(_UPSERT_PRODUCT, params)
             await session.execute(_ENSURE_STOCK, {"sku": sku})
             row = (await session.execute(_LOCK_STOCK_ROW, {"sku": sku})).one()
@@ -75,6 +97,7 @@ class Catalog:
             unit_price=unit_price,
             currency=currency,
             inventory=Inventory(sku=sku, on_hand=on_hand, reserved=row.reserved),
+            max_per_order=max_per_order,
         )
 
     async def inventory(self, sku: str) -> Inventory:
@@ -110,30 +133,64 @@ class PricedCart:
 # Stripe's largest charge for most currencies, in minor units.
 MAX_CHARGE = 99_999_999
 
-_PRICES = text("SELECT sku, name, unit_price, currency FROM products WHERE sku = ANY(:skus)")
-
-
-async def price_cart(session: AsyncSession, items: Mapping[str, int]) -> PricedCart:
-    """Price merged cart lines from the catalog: the server's prices, never the client's.
-
-    Raises `UnknownSku`, or `ServiceError(validation_error)` for products of different
-    currencies or a total Stripe could not charge.
+_PRICES = text(
+    "SELECT sku, name, unit_price, currency, max_per_order FROM products WHERE sku = ANY(:skus)"
+)
+# The same, first taking the customer's transaction-scoped advisory lock: a customer's
+# checkouts open one at a time, so the count of their pending ones (read by the next statement,
+# with a snapshot taken after the lock) cannot be raced past MAX_PENDING_CHECKOUTS. Folded into
+# this statement to save the round trip of a statement of its own.
+_PRICES_LOCKING_CUSTOMER = text(
     """
-    rows = {row.sku: row for row in await session.execute(_PRICES, {"skus": list(items)})}
-    missing = sorted(sku for sku in items if sku not in rows)
+    WITH customer AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(:scope, 0)))
+    SELECT p.sku, p.name, p.unit_price, p.currency, p.max_per_order
+    FROM customer, products p WHERE p.sku = ANY(:skus)
+    """
+)
+
+
+async def load_products(
+    session: AsyncSession, skus: list[str], *, lock_customer: str | None = None
+) -> dict[str, Any]:
+    """The catalog rows of these SKUs (missing ones are absent); with `lock_customer`, also
+    takes that customer's advisory lock for the rest of the transaction."""
+    if lock_customer is None:
+        rows = await session.execute(_PRICES, {"skus": skus})
+    else:
+        rows = await session.execute(
+            _PRICES_LOCKING_CUSTOMER, {"skus": skus, "scope": lock_customer}
+        )
+    return {row.sku: row for row in rows}
+
+
+def price(products: Mapping[str, Any], items: Mapping[str, int]) -> PricedCart:
+    """Price merged cart lines from catalog rows: the server's prices, never the client's.
+
+    Raises `UnknownSku`, `QuantityLimitExceeded` (a line above its product's max_per_order), or
+    `ServiceError(validation_error)` for products of different currencies or a total Stripe
+    could not charge.
+    """
+    missing = sorted(sku for sku in items if sku not in products)
     if missing:
         raise UnknownSku(missing)
-    currencies = sorted({rows[sku].currency for sku in items})
+    currencies = sorted({products[sku].currency for sku in items})
     if len(currencies) > 1:
         raise ServiceError(
             f"the cart mixes currencies ({', '.join(currencies)}); one checkout has one currency",
             code=ErrorCode.VALIDATION_ERROR,
-            details=[{"sku": sku, "currency": rows[sku].currency} for sku in sorted(items)],
+            details=[{"sku": sku, "currency": products[sku].currency} for sku in sorted(items)],
         )
+    over = [
+        {"sku": sku, "requested": quantity, "max": products[sku].max_per_order}
+        for sku, quantity in sorted(items.items())
+        if products[sku].max_per_order is not None and quantity > products[sku].max_per_order
+    ]
+    if over:
+        raise QuantityLimitExceeded(over)
     cart = PricedCart(
         currency=currencies[0],
         lines=tuple(
-            PricedLine(sku, rows[sku].name, rows[sku].unit_price, quantity)
+            PricedLine(sku, products[sku].name, products[sku].unit_price, quantity)
             for sku, quantity in sorted(items.items())
         ),
     )
@@ -143,3 +200,8 @@ async def price_cart(session: AsyncSession, items: Mapping[str, int]) -> PricedC
             code=ErrorCode.VALIDATION_ERROR,
         )
     return cart
+
+
+async def price_cart(session: AsyncSession, items: Mapping[str, int]) -> PricedCart:
+    """Price merged cart lines from the catalog (see `price`)."""
+    return price(await load_products(session, list(items)), items)

@@ -34,3 +34,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def autocommit(session: AsyncSession) -> None:
+    """Run the session's statements without BEGIN/COMMIT round trips: for a session of one
+    statement, which PostgreSQL applies atomically on its own."""
+    await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})

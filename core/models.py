@@ -43,6 +43,8 @@ class Product(Base):
     name: Mapped[str] = mapped_column(String(200))
     unit_price: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
+    # At most this many units in one checkout (None: no cap).
+    max_per_order: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
@@ -84,6 +86,8 @@ class Order(Base):
     status: Mapped[str] = mapped_column(String(32))
     customer_email: Mapped[str] = mapped_column(String(320))
     customer_user_id: Mapped[str | None] = mapped_column(String(255))
+    # Whose order this is for idempotency keys and limits: see core.owners.customer_scope.
+    customer_scope: Mapped[str] = mapped_column(String(330))
     currency: Mapped[str] = mapped_column(String(3))
     subtotal: Mapped[int] = mapped_column(BigInteger)
     discount: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -128,8 +132,26 @@ class Payment(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     amount_refunded: Mapped[int] = mapped_column(BigInteger, default=0)
     currency: Mapped[str] = mapped_column(String(3))
+    # The client_secret, encrypted (core.sealing): a replay of the key answers without Stripe.
+    client_secret_sealed: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
+
+
+class CheckoutKey(Base):
+    """An Idempotency-Key claimed in its scope before its checkout's workflow starts, so that
+    duplicates meet in one checkout and a retry answers it whatever Temporal has kept."""
+
+    __tablename__ = "checkout_keys"
+
+    scope: Mapped[str] = mapped_column(String(330), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # sha256 of the canonical request body: the same key with another body is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    checkout_id: Mapped[uuid.UUID] = mapped_column(unique=True)
+    order_id: Mapped[uuid.UUID]
+    created_at: Mapped[datetime] = _created_at()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class ProcessedWebhookEvent(Base):
@@ -179,3 +201,4 @@ ORDERS = cast(Table, Order.__table__)
 ORDER_EVENTS = cast(Table, OrderEvent.__table__)
 OUTBOX = cast(Table, OutboxMessage.__table__)
 PROCESSED_WEBHOOK_EVENTS = cast(Table, ProcessedWebhookEvent.__table__)
+CHECKOUT_KEYS = cast(Table, CheckoutKey.__table__)

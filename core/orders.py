@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.catalog import PricedCart, PricedLine, price_cart
-from core.db import SessionFactory
-from core.errors import NotFound
+from core.catalog import PricedCart, PricedLine, load_products, price
+from core.checkout_keys import CheckoutKeyStore
+from core.customers import customer_scope
+from core.db import SessionFactory, autocommit
+from core.errors import InvalidState, NotFound, TooManyPendingCheckouts
 from core.ledger import StockLedger, merge_lines
 from core.models import (
     ORDER_EVENTS,
@@ -31,13 +33,13 @@ from core.models import (
     OrderItem,
     Payment,
 )
+from core.vocabulary import OrderStatus, TimelineEvent
 
-PENDING = "pending_payment"
-PAID = "paid"
-CANCELLED = "cancelled"
-EXPIRED = "expired"
-REFUNDED = "refunded"
-FINAL = frozenset({CANCELLED, EXPIRED, REFUNDED})
+PENDING = OrderStatus.PENDING_PAYMENT
+PAID = OrderStatus.PAID
+CANCELLED = OrderStatus.CANCELLED
+EXPIRED = OrderStatus.EXPIRED
+REFUNDED = OrderStatus.REFUNDED
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,16 @@ class NewOrder:
     items: Iterable[tuple[str, int]] | Mapping[str, int]
     metadata: dict[str, Any]
     expires_at: datetime
+    # Refuse the checkout if its customer already has this many waiting for payment.
+    max_pending: int | None = None
+
+    @property
+    def customer_scope(self) -> str:
+        return customer_scope(self.customer_user_id, self.customer_email)
+
+
+def _cart(currency: str, lines: list[list[Any]]) -> PricedCart:
+    return PricedCart(currency=currency, lines=tuple(PricedLine(*line) for line in lines))
 
 
 @dataclass(frozen=True)
@@ -84,12 +96,6 @@ async def add_outbox(
     )
 
 
-async def _autocommit(session: AsyncSession) -> None:
-    """Run the session's statements without BEGIN/COMMIT round trips: for a session of one
-    statement, which PostgreSQL applies atomically on its own."""
-    await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-
-
 # The hot writes are one statement each (data-modifying CTEs): one round trip instead of one
 # per table, and for the order, the row locks on its stock are held for less time. JSON values
 # arrive as text and are cast.
@@ -101,10 +107,11 @@ _CREATE_ORDER = text(
     """
     WITH new_order AS (
         INSERT INTO orders (id, checkout_id, status, customer_email, customer_user_id,
-                            currency, subtotal, discount, tax, shipping, total, metadata,
-                            expires_at)
-        VALUES (:order_id, :checkout_id, 'pending_payment', :email, :user_id, :currency,
-                :subtotal, 0, 0, 0, :subtotal, CAST(:metadata AS jsonb), :expires_at)
+                            customer_scope, currency, subtotal, discount, tax, shipping, total,
+                            metadata, expires_at)
+        VALUES (:order_id, :checkout_id, 'pending_payment', :email, :user_id, :scope,
+                :currency, :subtotal, 0, 0, 0, :subtotal, CAST(:metadata AS jsonb),
+                :expires_at)
         ON CONFLICT (checkout_id) DO NOTHING
         RETURNING id
     ), lines AS (
@@ -137,11 +144,26 @@ _CREATE_ORDER = text(
     """
 )
 
+# The checkout's own order (if it has one yet) and, under the customer's lock, how many of
+# the customer's checkouts wait for payment: one row, always.
+_RECORDED_AND_PENDING = text(
+    """
+    SELECT (SELECT count(*) FROM orders
+            WHERE customer_scope = :scope AND status = 'pending_payment') AS pending,
+           o.status, o.currency,
+           (SELECT json_agg(json_build_array(i.sku, i.name, i.unit_price, i.quantity)
+                            ORDER BY i.sku)
+            FROM order_items i WHERE i.order_id = o.id) AS lines
+    FROM (SELECT 1) AS one LEFT JOIN orders o ON o.checkout_id = :checkout_id
+    """
+)
+
 _ATTACH_PAYMENT = text(
     """
     WITH payment AS (
-        INSERT INTO payments (order_id, provider, payment_intent_id, status, amount, currency)
-        VALUES (:order_id, 'stripe', :intent_id, :status, :amount, :currency)
+        INSERT INTO payments (order_id, provider, payment_intent_id, status, amount, currency,
+                              client_secret_sealed)
+        VALUES (:order_id, 'stripe', :intent_id, :status, :amount, :currency, :sealed)
         ON CONFLICT (payment_intent_id) DO NOTHING
     )
     INSERT INTO order_events (order_id, type, data, dedupe_key)
@@ -183,14 +205,32 @@ class OrderStore:
         this call created the order.
 
         A retry changes nothing and returns the cart as the order recorded it (the catalog may
-        have changed since). Raises `UnknownSku`, `InsufficientStock` (requested/available per
-        SKU) or `ServiceError(validation_error)`; then nothing is kept.
+        have changed since). Raises `UnknownSku`, `QuantityLimitExceeded`, `InsufficientStock`
+        (requested/available per SKU), `TooManyPendingCheckouts`, `InvalidState` (this
+        checkout's order has already ended) or `ServiceError(validation_error)`; then nothing
+        is kept.
         """
+        items = merge_lines(new.items)
+        scope = new.customer_scope
         async with self._sessions.begin() as session:
-            existing = await self._recorded_cart(session, new.checkout_id)
-            if existing is not None:
-                return existing, False
-            cart = await price_cart(session, merge_lines(new.items))
+            products = await load_products(
+                session, list(items), lock_customer=scope if new.max_pending else None
+            )
+            row = (
+                await session.execute(
+                    _RECORDED_AND_PENDING, {"scope": scope, "checkout_id": new.checkout_id}
+                )
+            ).one()
+            if row.status is not None:
+                if row.status != PENDING:
+                    raise InvalidState(
+                        f"checkout {new.checkout_id} has ended: its order is {row.status}",
+                        details={"status": row.status},
+                    )
+                return _cart(row.currency, row.lines), False
+            if new.max_pending and row.pending >= new.max_pending:
+                raise TooManyPendingCheckouts(new.max_pending)
+            cart = price(products, items)
             await self._ledger.reserve(
                 new.checkout_id,
                 [(line.sku, line.quantity) for line in cart.lines],
@@ -239,6 +279,7 @@ class OrderStore:
                 "checkout_id": new.checkout_id,
                 "email": new.customer_email,
                 "user_id": new.customer_user_id,
+                "scope": new.customer_scope,
                 "currency": cart.currency,
                 "subtotal": cart.subtotal,
                 "metadata": json.dumps(new.metadata),
@@ -262,10 +303,17 @@ class OrderStore:
         return created.scalar_one_or_none() is not None
 
     async def attach_payment(
-        self, order_id: uuid.UUID, *, intent_id: str, status: str, amount: int, currency: str
+        self,
+        order_id: uuid.UUID,
+        *,
+        intent_id: str,
+        status: str,
+        amount: int,
+        currency: str,
+        client_secret_sealed: str | None = None,
     ) -> None:
         async with self._sessions() as session:
-            await _autocommit(session)
+            await autocommit(session)
             await session.execute(
                 _ATTACH_PAYMENT,
                 {
@@ -274,6 +322,7 @@ class OrderStore:
                     "status": status,
                     "amount": amount,
                     "currency": currency,
+                    "sealed": client_secret_sealed,
                     "data": json.dumps(
                         {"payment_intent_id": intent_id, "amount": amount, "currency": currency}
                     ),
@@ -285,7 +334,7 @@ class OrderStore:
         self, order_id: uuid.UUID, type: str, data: dict[str, Any], dedupe_key: str
     ) -> bool:
         async with self._sessions() as session:
-            await _autocommit(session)
+            await autocommit(session)
             return await add_event(session, order_id, type, data, dedupe_key)
 
     async def mark_paid(
@@ -338,9 +387,13 @@ class OrderStore:
         status: str,
         reason: str,
         intent_status: str | None = None,
+        release_key: bool = False,
+        timeline: tuple[tuple[str, dict[str, Any]], ...] = (),
     ) -> str:
         """Release the stock and close a pending order as `cancelled` or `expired`, in one
         transaction; idempotent. Without an order (it was never created), only releases.
+        `release_key` (a refused checkout: nothing was kept) frees its Idempotency-Key;
+        `timeline` adds entries of its own before the closing ones (dedupe key per type).
 
         Returns the order's status afterwards (a paid order stays paid).
         """
@@ -350,6 +403,8 @@ class OrderStore:
             if order is not None and order.status != PENDING:
                 return order.status
             await self._ledger.release(checkout_id, session=session)
+            if release_key:
+                await CheckoutKeyStore.release(session, checkout_id)
             if order is None:
                 return CANCELLED
             order.status = status
@@ -357,7 +412,11 @@ class OrderStore:
                 await session.execute(
                     update(Payment).where(Payment.order_id == order_id).values(status=intent_status)
                 )
-            await add_event(session, order_id, "stock_released", {}, f"{order_id}:released")
+            for type, data in timeline:
+                await add_event(session, order_id, type, data, f"{order_id}:{type}")
+            await add_event(
+                session, order_id, TimelineEvent.STOCK_RELEASED, {}, f"{order_id}:released"
+            )
             await add_event(session, order_id, status, {"reason": reason}, f"{order_id}:{status}")
             await add_outbox(
                 session,
@@ -459,6 +518,46 @@ class OrderStore:
                 )
             )
         return OrderView(order, items, payment, events)
+
+    async def find_by_checkout(self, checkout_id: uuid.UUID) -> Order | None:
+        """The order a checkout opened, if it opened one."""
+        async with self._sessions() as session:
+            order: Order | None = await session.scalar(
+                select(Order).where(Order.checkout_id == checkout_id)
+            )
+        return order
+
+    async def list(
+        self,
+        *,
+        limit: int,
+        user_id: str | None = None,
+        email: str | None = None,
+        before: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[OrderView]:
+        """Orders newest first (without their timelines), filtered by the customer's user id
+        and/or email (case-insensitive), after the `before` (created_at, id) cursor."""
+        query = select(Order).order_by(Order.created_at.desc(), Order.id.desc()).limit(limit)
+        if user_id is not None:
+            query = query.where(Order.customer_user_id == user_id)
+        if email is not None:
+            query = query.where(func.lower(Order.customer_email) == email.lower())
+        if before is not None:
+            query = query.where(tuple_(Order.created_at, Order.id) < tuple_(*before))
+        async with self._sessions() as session:
+            orders = list(await session.scalars(query))
+            ids = [order.id for order in orders]
+            items: dict[uuid.UUID, list[OrderItem]] = {order_id: [] for order_id in ids}
+            for item in await session.scalars(
+                select(OrderItem).where(OrderItem.order_id.in_(ids)).order_by(OrderItem.sku)
+            ):
+                items[item.order_id].append(item)
+            payments: dict[uuid.UUID, Payment] = {}
+            for payment in await session.scalars(
+                select(Payment).where(Payment.order_id.in_(ids)).order_by(Payment.id)
+            ):
+                payments[payment.order_id] = payment  # the latest one wins
+        return [OrderView(o, items[o.id], payments.get(o.id), []) for o in orders]
 
     async def status(self, order_id: uuid.UUID) -> str:
         async with self._sessions() as session:

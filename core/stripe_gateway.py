@@ -15,14 +15,10 @@ import stripe
 
 from core.errors import ErrorCode, ServiceError
 from core.settings import Settings
+from core.vocabulary import PAYMENT_WINS, IntentStatus
 
 # Stripe's own default tolerance for webhook timestamps.
 WEBHOOK_TOLERANCE_SECONDS = 300
-
-# PaymentIntent statuses in which the customer's money is taken or on its way: a cancel must
-# not override them ("the payment wins").
-PAYMENT_WINS = frozenset({"succeeded", "processing", "requires_capture"})
-CANCELABLE = frozenset({"requires_payment_method", "requires_confirmation", "requires_action"})
 
 
 def create_gateway(settings: Settings) -> StripeGateway:
@@ -65,6 +61,14 @@ class Intent:
             if isinstance(charge := pi.get("latest_charge"), dict)
             else 0,
         )
+
+
+@dataclass(frozen=True)
+class Charge:
+    id: str
+    payment_intent: str | None
+    amount: int
+    amount_refunded: int
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ class StripeGateway:
         Returns the intent as it ends up: `canceled`, or a status in `PAYMENT_WINS`.
         """
         current = await self.retrieve_intent(intent_id)
-        if current.status == "canceled" or current.status in PAYMENT_WINS:
+        if current.status == IntentStatus.CANCELED or current.status in PAYMENT_WINS:
             return current
         try:
             pi = await self._client.v1.payment_intents.cancel_async(
@@ -134,10 +138,21 @@ class StripeGateway:
             # Most likely the customer confirmed in between; read what happened and let the
             # caller decide (a retry of the activity sees the new state).
             after = await self.retrieve_intent(intent_id)
-            if after.status == "canceled" or after.status in PAYMENT_WINS:
+            if after.status == IntentStatus.CANCELED or after.status in PAYMENT_WINS:
                 return after
             raise
         return Intent.of(pi)
+
+    async def retrieve_charge(self, charge_id: str) -> Charge:
+        """Stripe's own word on a charge (a webhook's body is only a hint)."""
+        data = (await self._client.v1.charges.retrieve_async(charge_id)).to_dict()
+        intent = data.get("payment_intent")
+        return Charge(
+            id=data["id"],
+            payment_intent=intent.get("id") if isinstance(intent, dict) else intent,
+            amount=int(data.get("amount") or 0),
+            amount_refunded=int(data.get("amount_refunded") or 0),
+        )
 
     async def refund(
         self, intent_id: str, *, idempotency_key: str, metadata: dict[str, str]

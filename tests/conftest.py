@@ -33,13 +33,11 @@ from api.app import create_app
 from core.db import SessionFactory, create_engine, create_session_factory
 from core.dev.postgres import EmbeddedPostgres
 from core.dev.temporal_server import PERFORMANCE_ARGS, search_attribute_args, temporal_cli
+from core.models import Base
 from core.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-TABLES = (
-    "outbox, order_events, processed_webhook_events, payments, order_items, orders,"
-    " reservations, stock, products"
-)
+TABLES = ", ".join(table.name for table in reversed(Base.metadata.sorted_tables))
 
 
 def free_port() -> int:

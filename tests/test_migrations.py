@@ -25,6 +25,7 @@ TABLES = {
     "processed_webhook_events",
     "order_events",
     "outbox",
+    "checkout_keys",
 }
 
 

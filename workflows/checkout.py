@@ -31,6 +31,15 @@ with workflow.unsafe.imports_passed_through():
     from activities.payments import IntentOut, PaymentIntentInput, SettleInput, SettleResult
     from activities.refunds import LatePaymentInput, LatePaymentResult
     from core.errors import CART_REFUSALS, ErrorCode
+    from core.vocabulary import (
+        CHECKOUT_FINAL,
+        CheckoutStatus,
+        IntentStatus,
+        PaymentOutcome,
+        SettleOutcome,
+        StripeEvent,
+        TimelineEvent,
+    )
     from workflows.models import (
         CancelResult,
         CheckoutCreated,
@@ -55,27 +64,27 @@ def start_search_attributes(input: CheckoutInput) -> TypedSearchAttributes:
     """Set when the checkout starts, so operators find it by order id and email at once."""
     return TypedSearchAttributes(
         [
-            SearchAttributePair(CHECKOUT_STATUS, "started"),
+            SearchAttributePair(CHECKOUT_STATUS, CheckoutStatus.STARTED),
             SearchAttributePair(ORDER_ID, str(input.order_id)),
             SearchAttributePair(CUSTOMER_EMAIL, input.customer.email),
         ]
     )
 
 
-# Checkout statuses: the order's, plus the steps before it exists and `rejected`.
-PENDING = "pending_payment"
-PAID = "paid"
-CANCELLED = "cancelled"
-EXPIRED = "expired"
-REJECTED = "rejected"
-MISMATCH = "mismatch"
-FINAL = frozenset({PAID, CANCELLED, EXPIRED, REJECTED})
-
-SUCCEEDED = "payment_intent.succeeded"
-FAILED = "payment_intent.payment_failed"
-CANCELED = "payment_intent.canceled"
+PENDING = CheckoutStatus.PENDING_PAYMENT
+PAID = CheckoutStatus.PAID
+CANCELLED = CheckoutStatus.CANCELLED
+EXPIRED = CheckoutStatus.EXPIRED
+REJECTED = CheckoutStatus.REJECTED
 
 CANCEL_INTENT = "cancel the PaymentIntent"
+
+# What each PaymentIntent event says of the customer's attempt to pay.
+_ATTEMPT_OUTCOMES: dict[str, PaymentOutcome] = {
+    StripeEvent.PAYMENT_INTENT_SUCCEEDED: PaymentOutcome.SUCCEEDED,
+    StripeEvent.PAYMENT_INTENT_PAYMENT_FAILED: PaymentOutcome.FAILED,
+    StripeEvent.PAYMENT_INTENT_CANCELED: PaymentOutcome.CANCELED,
+}
 
 # While Stripe says `processing`, the payment may still succeed: wait this much longer.
 PROCESSING_GRACE = timedelta(minutes=5)
@@ -120,7 +129,7 @@ class CheckoutWorkflow:
     @workflow.init
     def __init__(self, input: CheckoutInput) -> None:
         self._input = input
-        self._status = "started"
+        self._status: str = CheckoutStatus.STARTED
         self._expires_at = workflow.now() + timedelta(seconds=input.payment_timeout_seconds)
         self._start: StartResult | None = None
         self._starts_answered = 0
@@ -131,7 +140,7 @@ class CheckoutWorkflow:
         self._cart: PricedCartOut | None = None
         self._intent: IntentOut | None = None
         self._undo: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
-        self._closing_as = (CANCELLED, "")
+        self._closing_as: tuple[str, str] = (CANCELLED, "")
         self._late_success = False
         self._refunded = False
 
@@ -162,7 +171,7 @@ class CheckoutWorkflow:
         try:
             units = sum(item.quantity for item in input.items)
             self._set_status(
-                "opening_order",
+                CheckoutStatus.OPENING_ORDER,
                 f"Pricing {len(input.items)} cart lines, reserving {units} units and creating "
                 f"order {input.order_id}",
             )
@@ -177,13 +186,16 @@ class CheckoutWorkflow:
                     items=input.items,
                     metadata=input.metadata,
                     expires_at=self._expires_at,
+                    max_pending=input.max_pending_checkouts,
                 ),
                 f"price the cart, reserve {units} units (all or none) and create order "
                 f"{input.order_id}: one transaction",
                 PricedCartOut,
             )
 
-            self._set_status("creating_payment", f"Creating a PaymentIntent for {self._money()}")
+            self._set_status(
+                CheckoutStatus.CREATING_PAYMENT, f"Creating a PaymentIntent for {self._money()}"
+            )
             self._undo.append((CANCEL_INTENT, self._cancel_intent))
             self._intent = await self._step(
                 "create_payment_intent",
@@ -253,15 +265,17 @@ class CheckoutWorkflow:
             # Payment events first: a success that lands together with the timer still wins.
             while self._inbox:
                 event = self._inbox.pop(0)
-                if event.type == SUCCEEDED:
+                if event.type == StripeEvent.PAYMENT_INTENT_SUCCEEDED:
                     outcome = await self._pay()
                     if outcome == PAID:
                         return
-                    if outcome == MISMATCH and await self._close(CANCELLED, "payment_mismatch"):
+                    if outcome == SettleOutcome.MISMATCH and await self._close(
+                        CANCELLED, "payment_mismatch"
+                    ):
                         return
-                if event.type == FAILED:
+                if event.type == StripeEvent.PAYMENT_INTENT_PAYMENT_FAILED:
                     await self._record_failed_attempt(event)
-                if event.type == CANCELED and await self._close(
+                if event.type == StripeEvent.PAYMENT_INTENT_CANCELED and await self._close(
                     CANCELLED, "payment_intent_canceled"
                 ):
                     return
@@ -284,7 +298,9 @@ class CheckoutWorkflow:
         cart, intent = self._cart, self._intent
         assert cart is not None
         assert intent is not None
-        self._set_status("committing", "Checking the payment with Stripe; committing the stock")
+        self._set_status(
+            CheckoutStatus.COMMITTING, "Checking the payment with Stripe; committing the stock"
+        )
         result: SettleResult = await workflow.execute_local_activity(
             "settle_payment",
             SettleInput(
@@ -308,13 +324,15 @@ class CheckoutWorkflow:
 
     async def _close(self, status: str, reason: str) -> bool:
         """Compensate. False if Stripe says the payment won; then the checkout goes on."""
-        self._set_status("compensating", f"Compensating ({reason}): cancelling the PaymentIntent")
+        self._set_status(
+            CheckoutStatus.COMPENSATING, f"Compensating ({reason}): cancelling the PaymentIntent"
+        )
         intent = await self._cancel_intent()
         # A payment that went through wins, unless it was for the wrong amount (then it has
         # been refunded and the checkout closes).
-        if intent.status == "succeeded" and await self._pay() == PAID:
+        if intent.status == IntentStatus.SUCCEEDED and await self._pay() == PAID:
             return True
-        if intent.status in ("processing", "requires_capture"):
+        if intent.status in (IntentStatus.PROCESSING, IntentStatus.REQUIRES_CAPTURE):
             # The customer's money is on its way: the payment wins. Wait for its outcome.
             self._expires_at = max(self._expires_at, workflow.now() + PROCESSING_GRACE)
             self._cancel_requested = False
@@ -329,9 +347,9 @@ class CheckoutWorkflow:
         self._closing_as = (status, reason)
         while self._undo:
             name, undo = self._undo.pop()
-            self._set_status("compensating", f"Compensating ({reason}): {name}")
+            self._set_status(CheckoutStatus.COMPENSATING, f"Compensating ({reason}): {name}")
             await undo()
-        if self._status not in FINAL:
+        if self._status not in CHECKOUT_FINAL:
             self._set_status(status, f"Checkout {status}: {reason}")
 
     async def _refuse(self, failure: CheckoutFailure) -> bool:
@@ -358,7 +376,9 @@ class CheckoutWorkflow:
                 order_id=self._input.order_id,
                 status=EXPIRED if status == EXPIRED else CANCELLED,
                 reason=reason,
-                payment_intent_status="canceled" if self._intent else None,
+                payment_intent_status=IntentStatus.CANCELED if self._intent else None,
+                # A refused checkout kept nothing: its Idempotency-Key is free again.
+                release_key=status == REJECTED,
             ),
             result_type=str,
             start_to_close_timeout=timedelta(seconds=10),
@@ -396,7 +416,7 @@ class CheckoutWorkflow:
 
     async def _record_failed_attempt(self, event: PaymentEvent) -> None:
         await self._record(
-            "payment_failed",
+            TimelineEvent.PAYMENT_FAILED,
             {"payment_intent_id": event.payment_intent_id, "message": event.message},
             f"{self._input.order_id}:event:{event.event_id}",
         )
@@ -427,7 +447,7 @@ class CheckoutWorkflow:
         return f"{self._cart.subtotal} {self._cart.currency.upper()} (minor units)"
 
     def _waiting_details(self) -> str:
-        failed = sum(1 for a in self._attempts if a.outcome == "failed")
+        failed = sum(1 for a in self._attempts if a.outcome == PaymentOutcome.FAILED)
         retries = f"; {failed} declined attempt(s) so far" if failed else ""
         intent = self._intent.payment_intent_id if self._intent else "?"
         return (
@@ -438,7 +458,7 @@ class CheckoutWorkflow:
     def _set_status(self, status: str, details: str) -> None:
         """The query and the UI's current details follow every step; the CheckoutStatus search
         attribute (a visibility write each time) only the states operators filter on."""
-        if status != self._status and (status == PENDING or status in FINAL):
+        if status != self._status and (status == PENDING or status in CHECKOUT_FINAL):
             workflow.upsert_search_attributes([CHECKOUT_STATUS.value_set(status)])
         self._status = status
         workflow.set_current_details(details)
@@ -466,7 +486,7 @@ class CheckoutWorkflow:
     async def cancel(self) -> CancelResult:
         """Answers POST /orders/{id}/cancel once the compensation is done."""
         self._cancel_requested = True
-        await workflow.wait_condition(lambda: self._status in FINAL)
+        await workflow.wait_condition(lambda: self._status in CHECKOUT_FINAL)
         return CancelResult(order_id=self._input.order_id, status=self._status)
 
     @cancel.validator
@@ -487,10 +507,10 @@ class CheckoutWorkflow:
         if self._intent is not None and event.payment_intent_id != self._intent.payment_intent_id:
             workflow.logger.warning("ignoring event %s for another intent", event.event_id)
             return
-        outcome = {SUCCEEDED: "succeeded", FAILED: "failed", CANCELED: "canceled"}.get(event.type)
+        outcome = _ATTEMPT_OUTCOMES.get(event.type)
         if outcome is None:
             return
-        if outcome == "succeeded" and self._status in (CANCELLED, EXPIRED):
+        if outcome == PaymentOutcome.SUCCEEDED and self._status in (CANCELLED, EXPIRED):
             self._late_success = True
         self._attempts.append(
             PaymentAttempt(

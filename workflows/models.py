@@ -33,6 +33,9 @@ class CheckoutInput(BaseModel):
     payment_timeout_seconds: int
     # sha256 of the request body: the same Idempotency-Key with another body is refused.
     request_fingerprint: str
+    # Refuse the checkout if its customer already has this many waiting for payment (None:
+    # no limit, as for checkouts started before the limit existed).
+    max_pending_checkouts: int | None = None
 
 
 class LineOut(BaseModel):

@@ -9,20 +9,21 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.routing import APIRoute
 
-from api.deps import CatalogDep, RefundsDep, Services, admin_bearer, check_admin_token
+from api.deps import CatalogDep, RefundsDep, bearer
 from api.schemas import SKU_PATTERN, ErrorBody, OrderStatusOut, ProductIn, ProductOut
 
 
 class AdminRoute(APIRoute):
     """Checks the admin token before the body is read, so that a caller without it learns
-    nothing, not even whether its body would have been valid."""
+    nothing, not even whether its body would have been valid: 401 without a valid credential,
+    403 with a customer's or an order's."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def guarded(request: Request) -> Response:
-            services: Services = request.app.state.services
-            check_admin_token(services.settings, request.headers.get("authorization"))
+            auth = request.app.state.services.auth
+            auth.require_admin(await auth.authenticate(request.headers.get("authorization")))
             return await handler(request)
 
         return guarded
@@ -32,8 +33,11 @@ router = APIRouter(
     prefix="/admin",
     tags=["admin"],
     route_class=AdminRoute,
-    dependencies=[Depends(admin_bearer)],
-    responses={401: {"model": ErrorBody, "description": "missing or wrong admin token"}},
+    dependencies=[Depends(bearer)],
+    responses={
+        401: {"model": ErrorBody, "description": "no valid credential"},
+        403: {"model": ErrorBody, "description": "a customer or order token: admin only"},
+    },
 )
 
 SkuPath = Annotated[str, Path(pattern=SKU_PATTERN, description="the product's SKU")]
@@ -51,6 +55,7 @@ async def put_product(sku: SkuPath, body: ProductIn, catalog: CatalogDep) -> Pro
         unit_price=body.unit_price,
         currency=body.currency,
         on_hand=body.on_hand,
+        max_per_order=body.max_per_order,
     )
     inventory = product.inventory
     return ProductOut(
@@ -61,6 +66,7 @@ async def put_product(sku: SkuPath, body: ProductIn, catalog: CatalogDep) -> Pro
         on_hand=inventory.on_hand,
         reserved=inventory.reserved,
         available=inventory.available,
+        max_per_order=product.max_per_order,
     )
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Request, Response
 
-from api.deps import CheckoutsDep
+from api.deps import CallerDep, CheckoutsDep, ServicesDep, client_address
 from api.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
     CheckoutIn,
@@ -23,7 +23,8 @@ IdempotencyKey = Annotated[
     Header(
         alias="Idempotency-Key",
         pattern=IDEMPOTENCY_KEY_PATTERN,
-        description="1 to 255 printable characters; the same key and body give the same checkout",
+        description="1 to 255 printable characters; the same key and body (in the same "
+        "customer's scope) give the same checkout. Use random keys (UUIDv4).",
     ),
 ]
 
@@ -33,28 +34,43 @@ IdempotencyKey = Annotated[
     status_code=201,
     responses={
         200: {"model": CheckoutOut, "description": "the same Idempotency-Key and body again"},
+        401: {"model": ErrorBody, "description": "a credential that does not verify"},
+        403: {"model": ErrorBody, "description": "user_id not the caller's, or an order token"},
         409: {"model": ErrorBody, "description": "insufficient_stock"},
         422: {
             "model": ErrorBody,
-            "description": "validation_error, unknown_sku, idempotency_key_reused",
+            "description": "validation_error, unknown_sku, quantity_limit_exceeded, "
+            "idempotency_key_reused",
         },
+        429: {"model": ErrorBody, "description": "rate_limited, too_many_pending_checkouts"},
         503: {"model": ErrorBody, "description": "unavailable: nothing was kept"},
     },
 )
 async def post_checkout(
     body: CheckoutIn,
-    checkouts: CheckoutsDep,
+    request: Request,
+    caller: CallerDep,
+    services: ServicesDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> CheckoutOut:
     """Reserve the cart's stock, create the order and its PaymentIntent, and answer at once."""
-    created, first = await checkouts.start(body, idempotency_key)
+    created, first = await services.checkouts.start(
+        body, idempotency_key, caller, client_address(request)
+    )
     response.status_code = 201 if first else 200
-    return CheckoutOut.model_validate(created.model_dump())
+    return CheckoutOut.model_validate(
+        {**created.model_dump(), "access_token": services.auth.order_token(created.order_id)}
+    )
 
 
-@router.get("/checkouts/{checkout_id}", responses={404: {"model": ErrorBody}})
-async def get_checkout(checkout_id: uuid.UUID, checkouts: CheckoutsDep) -> CheckoutStateOut:
-    """The live state of the checkout's saga, read from its workflow."""
-    state = await checkouts.state(checkout_id)
+@router.get(
+    "/checkouts/{checkout_id}",
+    responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+)
+async def get_checkout(
+    checkout_id: uuid.UUID, caller: CallerDep, checkouts: CheckoutsDep
+) -> CheckoutStateOut:
+    """The live state of the checkout's saga (its order token, its customer, or admin)."""
+    state = await checkouts.state(checkout_id, caller)
     return CheckoutStateOut.model_validate(state.model_dump())

@@ -14,6 +14,7 @@ from core.catalog import Catalog
 from core.db import SessionFactory
 from core.ledger import StockLedger
 from core.orders import NewOrder, OrderStore
+from core.sealing import Sealer
 from core.stripe_gateway import Intent, Refund, StripeGateway
 
 
@@ -61,7 +62,7 @@ async def pending_order(orders: OrderStore) -> SettleInput:
 async def test_paid_only_once_stripe_says_succeeded(orders: OrderStore, db: SessionFactory) -> None:
     settle = await pending_order(orders)
     stripe = StripeSays("requires_payment_method")
-    activities = PaymentActivities(stripe, orders)
+    activities = PaymentActivities(stripe, orders, Sealer("test-secret-key-for-sealing"))
     env = ActivityEnvironment()
 
     assert (await env.run(activities.settle_payment, settle)).outcome == "unpaid"
@@ -82,7 +83,7 @@ async def test_another_amount_is_refunded_once_and_never_paid(
 ) -> None:
     settle = await pending_order(orders)
     stripe = StripeSays("succeeded", amount=1)
-    activities = PaymentActivities(stripe, orders)
+    activities = PaymentActivities(stripe, orders, Sealer("test-secret-key-for-sealing"))
 
     for _ in range(2):
         result = await ActivityEnvironment().run(activities.settle_payment, settle)

@@ -37,6 +37,7 @@ async def test_put_product_creates_then_updates_and_inventory_reads_it(
         "on_hand": 10,
         "reserved": 0,
         "available": 10,
+        "max_per_order": None,
     }
 
     updated = await api.put(

@@ -12,8 +12,8 @@ from temporalio.api.enums.v1 import ResourceExhaustedCause
 from temporalio.api.errordetails.v1 import MultiOperationExecutionFailure, ResourceExhaustedFailure
 from temporalio.service import RPCError, RPCStatusCode
 
-from api import services
-from api.services import _retry_while_busy
+from core import temporal
+from core.temporal import retry_while_busy
 
 BUSY = ResourceExhaustedCause.RESOURCE_EXHAUSTED_CAUSE_BUSY_WORKFLOW
 RPS_LIMIT = ResourceExhaustedCause.RESOURCE_EXHAUSTED_CAUSE_RPS_LIMIT
@@ -22,7 +22,7 @@ CLOSING = "workflow operation can not be applied because workflow is closing"
 
 @pytest.fixture(autouse=True)
 def no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(services, "_BUSY_RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(temporal, "BUSY_RETRY_DELAYS", (0.0, 0.0, 0.0))
 
 
 def refusal(
@@ -70,14 +70,14 @@ def refused_then_answered(
 )
 async def test_a_closing_workflow_is_asked_again(error: RPCError) -> None:
     calls, call = refused_then_answered(2, error)
-    assert await _retry_while_busy(call) == "answer"
+    assert await retry_while_busy(call) == "answer"
     assert len(calls) == 3
 
 
 async def test_it_gives_up_after_its_last_delay() -> None:
     calls, call = refused_then_answered(10, refusal(RPCStatusCode.RESOURCE_EXHAUSTED, BUSY))
     with pytest.raises(RPCError) as raised:
-        await _retry_while_busy(call)
+        await retry_while_busy(call)
     assert raised.value.status == RPCStatusCode.RESOURCE_EXHAUSTED
     assert len(calls) == 4  # one per delay, and a last one
 
@@ -97,5 +97,5 @@ async def test_it_gives_up_after_its_last_delay() -> None:
 async def test_other_refusals_are_not_retried(error: RPCError) -> None:
     calls, call = refused_then_answered(1, error)
     with pytest.raises(RPCError):
-        await _retry_while_busy(call)
+        await retry_while_busy(call)
     assert len(calls) == 1

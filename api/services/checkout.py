@@ -1,0 +1,327 @@
+"""Starting a checkout (Update-with-Start of its workflow), reading its live state, cancelling it.
+
+Who may do what is decided here from the caller's credential (see `api.auth`): a checkout
+belongs to its customer's `sub`, a guest's to nobody but its order token, and admin reaches all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.access import OrderAccess
+from api.auth import Caller, CallerKind
+from api.client_address import rate_limit_identity
+from api.ratelimit import CheckoutLimiter
+from api.schemas import CheckoutIn
+from core.checkout_keys import CheckoutKeyStore, KeyClaim, RecordedCheckout
+from core.customers import customer_scope
+from core.errors import ErrorCode, Forbidden, InvalidState, NotFound, ServiceError, Unavailable
+from core.orders import OrderStore
+from core.sealing import Sealer
+from core.settings import Settings
+from core.stripe_gateway import StripeGateway
+from core.temporal import retry_while_busy
+from core.vocabulary import CheckoutStatus, OrderStatus
+from core.workflow_ids import checkout_workflow_id, start_update_id
+from workflows.checkout import CheckoutWorkflow, start_search_attributes
+from workflows.models import (
+    CartItem,
+    CheckoutCreated,
+    CheckoutInput,
+    CheckoutState,
+    Customer,
+    LineOut,
+    PaymentOut,
+    StartResult,
+    Totals,
+)
+
+log = logging.getLogger(__name__)
+
+# POST /checkout answers within this, whatever Temporal or Stripe do.
+CHECKOUT_ANSWER_TIMEOUT = 30.0
+
+# How many times one request follows its key to a new attempt after the attempt it joined
+# failed `unavailable` (that attempt released the key when it gave up).
+MAX_ATTEMPTS_PER_REQUEST = 3
+
+
+def fingerprint(body: CheckoutIn) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def temporal_unavailable(exc: BaseException) -> Unavailable:
+    log.warning("temporal unavailable: %s", exc)
+    return Unavailable("the checkout service cannot reach Temporal; try again")
+
+
+def _refusal(result: StartResult) -> ServiceError:
+    assert result.failure is not None
+    failure = result.failure
+    return ServiceError(failure.message, details=failure.details, code=failure.code)
+
+
+def _update_error(exc: WorkflowUpdateFailedError) -> ServiceError:
+    cause = exc.cause
+    if isinstance(cause, ApplicationError) and cause.type:
+        details = cause.details[0] if cause.details else None
+        return ServiceError(cause.message, details=details, code=cause.type)
+    return temporal_unavailable(exc)
+
+
+def owner_of(body: CheckoutIn, caller: Caller) -> str | None:
+    """The user id the checkout belongs to, by the contract's rules, or Forbidden."""
+    named = body.customer.user_id
+    if caller.kind == CallerKind.ADMIN:
+        return named
+    if caller.kind == CallerKind.CUSTOMER:
+        if named is not None and named != caller.user_id:
+            raise Forbidden("a customer checks out as itself: user_id must be your own or absent")
+        return caller.user_id
+    if caller.kind == CallerKind.GUEST:
+        if named is not None:
+            raise Forbidden("a guest checkout cannot name a user_id; sign in instead")
+        return None
+    raise Forbidden("an order token cannot start a checkout")
+
+
+class CheckoutService:
+    def __init__(
+        self,
+        client: Client,
+        settings: Settings,
+        orders: OrderStore,
+        keys: CheckoutKeyStore,
+        access: OrderAccess,
+        limiter: CheckoutLimiter,
+        stripe: StripeGateway,
+        sealer: Sealer,
+    ) -> None:
+        self._client = client
+        self._task_queue = settings.temporal_task_queue
+        self._orders = orders
+        self._keys = keys
+        self._access = access
+        self.limiter = limiter
+        self._stripe = stripe
+        self._sealer = sealer
+        # Read at each checkout's start and fixed in its input from then on; tests and load
+        # runs may change them on a running service.
+        self.payment_timeout_seconds = settings.checkout_payment_timeout
+        self.max_pending_checkouts = settings.max_pending_checkouts
+        self.key_ttl_seconds = settings.idempotency_ttl_seconds
+
+    async def start(
+        self, body: CheckoutIn, idempotency_key: str | None, caller: Caller, address: str
+    ) -> tuple[CheckoutCreated, bool]:
+        """Start (or rejoin) the checkout; returns it and whether this request created it."""
+        user_id = owner_of(body, caller)
+        scope = customer_scope(user_id, body.customer.email)
+        if caller.kind != CallerKind.ADMIN:
+            # Admin is a trusted backend (support, a shop's server): not rate limited.
+            await self.limiter.hit(rate_limit_identity(address), f"customer:{scope}")
+        customer = Customer(email=body.customer.email, user_id=user_id)
+        request_fingerprint = fingerprint(body)
+        if not idempotency_key:
+            claim = KeyClaim(uuid.uuid4(), uuid.uuid4(), request_fingerprint, claimed=True)
+            result = await self._start_attempt(body, customer, claim)
+            return self._created(result), True
+
+        for _ in range(MAX_ATTEMPTS_PER_REQUEST):
+            claim, recorded = await self._keys.claim(
+                scope, idempotency_key, request_fingerprint, ttl_seconds=self.key_ttl_seconds
+            )
+            if claim.fingerprint != request_fingerprint:
+                raise ServiceError(
+                    "this Idempotency-Key was used with a different request body",
+                    code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                )
+            if recorded is not None:
+                # Answered from the record: no second run, no update in the checkout's history.
+                return await self._replay(recorded), False
+            result = await self._start_attempt(body, customer, claim)
+            joined_a_failed_attempt = (
+                not claim.claimed
+                and result.failure is not None
+                and result.failure.code == ErrorCode.UNAVAILABLE
+            )
+            if not joined_a_failed_attempt:
+                break
+        return self._created(result), claim.claimed
+
+    @staticmethod
+    def _created(result: StartResult) -> CheckoutCreated:
+        if result.failure is not None:
+            raise _refusal(result)
+        assert result.created is not None
+        return result.created
+
+    async def _replay(self, recorded: RecordedCheckout) -> CheckoutCreated:
+        secret = self._sealer.unseal(recorded.client_secret_sealed)
+        if secret is None:
+            # Sealed under another SECRET_KEY (or before sealing existed): Stripe has it.
+            secret = (await self._stripe.retrieve_intent(recorded.payment_intent_id)).client_secret
+        return CheckoutCreated(
+            checkout_id=recorded.checkout_id,
+            order_id=recorded.order_id,
+            status=recorded.order_status,
+            currency=recorded.currency,
+            items=[
+                LineOut(
+                    sku=line.sku,
+                    name=line.name,
+                    unit_price=line.unit_price,
+                    quantity=line.quantity,
+                    line_total=line.line_total,
+                )
+                for line in recorded.lines
+            ],
+            totals=Totals(
+                subtotal=recorded.subtotal,
+                discount=recorded.discount,
+                tax=recorded.tax,
+                shipping=recorded.shipping,
+                total=recorded.total,
+            ),
+            payment=PaymentOut(
+                payment_intent_id=recorded.payment_intent_id,
+                client_secret=secret,
+                status=recorded.payment_status,
+            ),
+            expires_at=recorded.expires_at,
+        )
+
+    async def _start_attempt(
+        self, body: CheckoutIn, customer: Customer, claim: KeyClaim
+    ) -> StartResult:
+        """Update-with-Start the claim's checkout (or, if it has ended, read its answer)."""
+        input = CheckoutInput(
+            checkout_id=claim.checkout_id,
+            order_id=claim.order_id,
+            customer=customer,
+            items=[CartItem(sku=i.sku, quantity=i.quantity) for i in body.items],
+            metadata=body.metadata or {},
+            payment_timeout_seconds=self.payment_timeout_seconds,
+            request_fingerprint=claim.fingerprint,
+            max_pending_checkouts=self.max_pending_checkouts,
+        )
+
+        def operation() -> WithStartWorkflowOperation[Any, Any]:
+            # A new one per call: an operation carries the outcome of the call it was sent with.
+            return WithStartWorkflowOperation(
+                CheckoutWorkflow.run,
+                input,
+                id=checkout_workflow_id(claim.checkout_id),
+                task_queue=self._task_queue,
+                # Concurrent duplicates join the running checkout; a finished one is never re-run.
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                search_attributes=start_search_attributes(input),
+                static_summary=f"Checkout of {len(body.items)} line(s) for {customer.email}",
+            )
+
+        try:
+            async with asyncio.timeout(CHECKOUT_ANSWER_TIMEOUT):
+                result: StartResult = await retry_while_busy(
+                    lambda: self._client.execute_update_with_start_workflow(
+                        CheckoutWorkflow.start,
+                        input.request_fingerprint,
+                        start_workflow_operation=operation(),
+                        # One update per checkout: duplicates attach to it and get its answer.
+                        id=start_update_id(claim.checkout_id),
+                    )
+                )
+        except WorkflowUpdateFailedError as exc:
+            raise _update_error(exc) from exc
+        except WorkflowAlreadyStartedError:
+            # The checkout already ran to its end: answer from its final state.
+            return await self._finished_start(claim)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.ALREADY_EXISTS:
+                raise temporal_unavailable(exc) from exc
+            return await self._finished_start(claim)
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as exc:
+            # The checkout may still open later; the same key then answers with it, and if
+            # nobody comes back for it, it expires and gives its stock back.
+            raise temporal_unavailable(exc) from exc
+        return result
+
+    async def _finished_start(self, claim: KeyClaim) -> StartResult:
+        state = await self._query(claim.checkout_id)
+        if state.start is None:
+            raise Unavailable("the checkout ended before it could answer; try again")
+        return state.start
+
+    async def _query(self, checkout_id: uuid.UUID) -> CheckoutState:
+        handle = self._client.get_workflow_handle(checkout_workflow_id(checkout_id))
+        try:
+            return await handle.query(CheckoutWorkflow.state, rpc_timeout=timedelta(seconds=10))
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise NotFound(f"no checkout {checkout_id}") from exc
+            raise temporal_unavailable(exc) from exc
+        except WorkflowQueryFailedError as exc:
+            raise temporal_unavailable(exc) from exc
+
+    async def state(self, checkout_id: uuid.UUID, caller: Caller) -> CheckoutState:
+        """The live state of the saga; from the order's rows if its history is gone."""
+        order = await self._access.checkout_order(checkout_id, caller)
+        try:
+            return await self._query(checkout_id)
+        except NotFound:
+            if order is None:
+                raise
+        # Temporal no longer knows the run (retention, deletion): the order says how it ended.
+        return CheckoutState(
+            checkout_id=checkout_id,
+            order_id=order.id,
+            status=order.status,
+            expires_at=order.expires_at,
+            payment_attempts=[],
+            request_fingerprint="",
+        )
+
+    async def cancel(self, order_id: uuid.UUID, caller: Caller) -> str:
+        """Cancel a pending order's checkout; answers once the compensation is done."""
+        view = await self._access.order(order_id, caller)
+        status = view.order.status
+        if status == OrderStatus.CANCELLED:
+            return OrderStatus.CANCELLED
+        if status != OrderStatus.PENDING_PAYMENT:
+            raise InvalidState(f"the order is {status}", details={"status": status})
+        handle = self._client.get_workflow_handle(checkout_workflow_id(view.order.checkout_id))
+        try:
+            result = await retry_while_busy(lambda: handle.execute_update(CheckoutWorkflow.cancel))
+        except WorkflowUpdateFailedError as exc:
+            raise _update_error(exc) from exc
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise temporal_unavailable(exc) from exc
+            # The checkout finished meanwhile (or its run is gone): the order says how.
+            result_status = await self._orders.status(order_id)
+            if result_status != OrderStatus.CANCELLED:
+                raise InvalidState(
+                    f"the order is {result_status}", details={"status": result_status}
+                ) from exc
+            return OrderStatus.CANCELLED
+        if result.status != CheckoutStatus.CANCELLED:
+            raise InvalidState(f"the order is {result.status}", details={"status": result.status})
+        return OrderStatus.CANCELLED

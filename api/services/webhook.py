@@ -1,0 +1,177 @@
+"""Stripe's webhooks: verified by the route, recorded once here, and acted on.
+
+An event's body is a hint. A PaymentIntent event is signalled only to the checkout that
+recorded that PaymentIntent id (the workflow then reads the intent back before paying); a
+refund acts only on what Stripe's own charge says.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.refunds import LatePaymentInput
+from api.services.checkout import temporal_unavailable
+from core.orders import OrderStore
+from core.stripe_gateway import StripeGateway
+from core.temporal import retry_while_busy
+from core.vocabulary import (
+    PAYMENT_INTENT_EVENTS,
+    OrderStatus,
+    StripeEvent,
+    TimelineEvent,
+    WebhookOutcome,
+)
+from core.webhook_events import Receipt, WebhookEventStore
+from core.workflow_ids import checkout_workflow_id, late_payment_workflow_id
+from workflows.checkout import CheckoutWorkflow
+from workflows.models import PaymentEvent
+from workflows.refund import LatePaymentWorkflow
+
+log = logging.getLogger(__name__)
+
+
+def _intent_id(event_type: str, obj: dict[str, Any]) -> str | None:
+    """The PaymentIntent an event is about: the object itself, or a charge's or dispute's."""
+    raw = obj.get("id") if event_type in PAYMENT_INTENT_EVENTS else obj.get("payment_intent")
+    if isinstance(raw, dict):
+        raw = raw.get("id")
+    return raw if isinstance(raw, str) and raw else None
+
+
+class WebhookInbox:
+    def __init__(
+        self,
+        events: WebhookEventStore,
+        client: Client,
+        orders: OrderStore,
+        stripe: StripeGateway,
+        task_queue: str,
+    ) -> None:
+        self._events = events
+        self._client = client
+        self._orders = orders
+        self._stripe = stripe
+        self._task_queue = task_queue
+
+    async def receive(self, event: dict[str, Any]) -> str:
+        event_type: str = event["type"]
+        obj = (event.get("data") or {}).get("object") or {}
+        if not isinstance(obj, dict):
+            obj = {}
+        intent_id = _intent_id(event_type, obj)
+        # What most events come to; corrected in the same transaction if it turns out else.
+        expected = (
+            WebhookOutcome.ACTED
+            if event_type in PAYMENT_INTENT_EVENTS and intent_id
+            else WebhookOutcome.IGNORED
+        )
+        async with self._events.receive(
+            event, intent_id=intent_id, expected_outcome=expected
+        ) as receipt:
+            if receipt is None:
+                return WebhookOutcome.DUPLICATE
+            receipt.outcome = await self._dispatch(event_type, receipt, obj, intent_id)
+            return receipt.outcome
+
+    async def _dispatch(
+        self, event_type: str, receipt: Receipt, obj: dict[str, Any], intent_id: str | None
+    ) -> str:
+        if intent_id is None or receipt.checkout_id is None:
+            # Not a PaymentIntent any checkout of ours recorded: whatever its metadata says.
+            return WebhookOutcome.IGNORED
+        if event_type == StripeEvent.CHARGE_REFUNDED:
+            return await self._refunded(receipt, obj)
+        if event_type == StripeEvent.CHARGE_DISPUTE_CREATED:
+            return await self._disputed(receipt, obj)
+        if event_type not in PAYMENT_INTENT_EVENTS:
+            return WebhookOutcome.IGNORED
+        error = obj.get("last_payment_error") or {}
+        signal = PaymentEvent(
+            event_id=receipt.event_id,
+            type=event_type,
+            payment_intent_id=intent_id,
+            status=str(obj.get("status")),
+            amount=int(obj.get("amount") or 0),
+            currency=str(obj.get("currency") or ""),
+            message=(error.get("message") or error.get("code"))
+            if isinstance(error, dict)
+            else None,
+        )
+        handle = self._client.get_workflow_handle(checkout_workflow_id(receipt.checkout_id))
+        try:
+            await retry_while_busy(
+                lambda: handle.signal(
+                    CheckoutWorkflow.payment_event, signal, rpc_timeout=timedelta(seconds=10)
+                )
+            )
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise temporal_unavailable(exc) from exc
+            if event_type == StripeEvent.PAYMENT_INTENT_SUCCEEDED:
+                return await self._late_success(receipt, intent_id)
+            return WebhookOutcome.WORKFLOW_GONE
+        return WebhookOutcome.ACTED
+
+    async def _late_success(self, receipt: Receipt, intent_id: str) -> str:
+        """The checkout has ended: unless its order is paid, the money goes back."""
+        assert receipt.order_id is not None
+        if receipt.order_status in (OrderStatus.PAID, OrderStatus.REFUNDED):
+            return WebhookOutcome.DUPLICATE
+        try:
+            await self._client.start_workflow(
+                LatePaymentWorkflow.run,
+                LatePaymentInput(order_id=receipt.order_id, payment_intent_id=intent_id),
+                id=late_payment_workflow_id(intent_id),
+                task_queue=self._task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                static_summary=(
+                    f"Refund of late payment {intent_id} "
+                    f"(order {receipt.order_id} {receipt.order_status})"
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            pass
+        except RPCError as exc:
+            raise temporal_unavailable(exc) from exc
+        return WebhookOutcome.LATE_PAYMENT_REFUND
+
+    async def _refunded(self, receipt: Receipt, obj: dict[str, Any]) -> str:
+        """Acts on Stripe's own charge, read back: a forged or stale event refunds nothing."""
+        assert receipt.order_id is not None
+        charge_id = obj.get("id")
+        if not isinstance(charge_id, str):
+            return WebhookOutcome.IGNORED
+        charge = await self._stripe.retrieve_charge(charge_id)
+        if charge.payment_intent != _intent_id(StripeEvent.CHARGE_REFUNDED, obj):
+            log.warning("charge %s does not belong to the event's PaymentIntent", charge.id)
+            return WebhookOutcome.IGNORED
+        if charge.amount_refunded <= 0:
+            return WebhookOutcome.IGNORED
+        await self._orders.mark_refunded(
+            receipt.order_id,
+            refunded_amount=charge.amount_refunded,
+            source="stripe",
+            reference=f"{charge.id}:{charge.amount_refunded}",
+        )
+        return WebhookOutcome.ACTED
+
+    async def _disputed(self, receipt: Receipt, dispute: dict[str, Any]) -> str:
+        assert receipt.order_id is not None
+        await self._orders.record_event(
+            receipt.order_id,
+            TimelineEvent.DISPUTE_CREATED,
+            {
+                "dispute_id": dispute.get("id"),
+                "amount": dispute.get("amount"),
+                "reason": dispute.get("reason"),
+            },
+            f"{receipt.order_id}:dispute:{dispute.get('id') or receipt.event_id}",
+        )
+        return WebhookOutcome.ACTED

@@ -1,0 +1,104 @@
+"""`CheckoutLimiter`: RATE_LIMIT_CHECKOUTS per identity (a client address, a customer).
+
+Counters live in this process, or in Redis when REDIS_URL is set so that every API process
+spends one shared budget. The strategy is `limits`' sliding window counter: two counters per
+key whatever the rate (a moving window keeps one entry per hit: a million per key at
+"1000000/minute"), and no double burst at a window's edge as a fixed window allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+import coredis
+from limits import RateLimitItem, parse_many
+from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.errors import StorageError
+
+from core.errors import RateLimited
+
+log = logging.getLogger(__name__)
+
+# Redis answers in well under a millisecond on a healthy network: a connect or a command
+# that takes longer is an outage, and a checkout waits at most _HIT_TIMEOUT for its limits.
+_REDIS_TIMEOUT = 0.25
+_HIT_TIMEOUT = 0.5
+# After Redis failed, checkouts go unlimited for this long before it is asked again, so an
+# outage costs each checkout nothing and the log one warning per interval, not one per request.
+_REDIS_RETRY_INTERVAL = 5.0
+
+
+class CheckoutLimiter:
+    def __init__(self, rate: str, redis_url: str | None, *, key_prefix: str = "checkout") -> None:
+        """`rate` in the `limits` notation ("30/minute", "10/second;30/minute"): ValueError
+        if it does not parse. `key_prefix` separates deployments (and tests) sharing a Redis."""
+        try:
+            self._items: list[RateLimitItem] = parse_many(rate)
+        except ValueError as exc:
+            raise ValueError(f"rate limit {rate!r}: {exc}") from None
+        if any(item.amount < 1 for item in self._items):
+            raise ValueError(f"rate limit {rate!r} would refuse every checkout")
+        self._pool: coredis.ConnectionPool | None = None
+        storage: MemoryStorage | RedisStorage
+        if redis_url is None:
+            storage = MemoryStorage()
+        else:
+            # Our own pool, so that aclose() can close its connections: limits has no close.
+            self._pool = coredis.ConnectionPool.from_url(
+                redis_url, connect_timeout=_REDIS_TIMEOUT, stream_timeout=_REDIS_TIMEOUT
+            )
+            storage = RedisStorage(
+                "async+redis://",
+                wrap_exceptions=True,
+                key_prefix=key_prefix,
+                # Documented by RedisStorage, though its options are typed as scalars.
+                connection_pool=self._pool,  # type: ignore[arg-type]
+            )
+        self._limiter = SlidingWindowCounterRateLimiter(storage)
+        self._redis_down_until = 0.0
+
+    async def hit(self, *identities: str) -> None:
+        """Count one checkout against each identity; RateLimited if any is over its limit.
+        Passes (and logs a warning) when Redis cannot be asked."""
+        if time.monotonic() < self._redis_down_until:
+            return
+        try:
+            async with asyncio.timeout(_HIT_TIMEOUT):
+                await self._hit(identities)
+        except (StorageError, TimeoutError) as exc:
+            # Fail open: a rate limiter that cannot count must not take checkout down with it.
+            self._redis_down_until = time.monotonic() + _REDIS_RETRY_INTERVAL
+            log.warning(
+                "rate limiter: Redis did not answer (%r); checkouts not rate limited for %.0f s",
+                exc,
+                _REDIS_RETRY_INTERVAL,
+            )
+
+    async def _hit(self, identities: tuple[str, ...]) -> None:
+        pairs = [(item, identity) for item in self._items for identity in identities]
+        # Test all before counting any, so that a checkout refused for one identity (say, its
+        # customer) spends nothing of another's budget (its address, shared behind a NAT).
+        # Concurrent checkouts can pass the test together; the hit is what decides.
+        for item, identity in pairs:
+            if not await self._limiter.test(item, identity):
+                raise await self._refusal(item, identity)
+        for item, identity in pairs:
+            if not await self._limiter.hit(item, identity):
+                raise await self._refusal(item, identity)
+
+    async def _refusal(self, item: RateLimitItem, identity: str) -> RateLimited:
+        stats = await self._limiter.get_window_stats(item, identity)
+        wait = math.ceil(stats.reset_time - time.time())
+        retry_after = max(1, min(wait, item.get_expiry()))
+        return RateLimited(
+            f"too many checkouts (at most {item}); retry in {retry_after} s",
+            retry_after=retry_after,
+        )
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            self._pool.disconnect()

@@ -1,0 +1,271 @@
+"""The checkout rate limiter, in memory and on the machine's Redis, and the client address
+it counts behind trusted proxies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
+
+import pytest
+from starlette.types import Message, Receive, Scope, Send
+
+from api.client_address import ClientAddressMiddleware, TrustedProxies, client_address
+from api.ratelimit import CheckoutLimiter
+from core.errors import ErrorCode, RateLimited
+from tests.conftest import free_port
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+ADDRESS = "address:203.0.113.7"
+CUSTOMER = "customer:user:abc"
+
+LimiterFactory = Callable[[str], CheckoutLimiter]
+
+
+def _redis_answers(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    if not _redis_answers(REDIS_URL):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no Redis at {REDIS_URL}, and under CI=true a missing tool fails")
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    return REDIS_URL
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limiters(request: pytest.FixtureRequest) -> AsyncIterator[LimiterFactory]:
+    """Limiters on one store: a process's memory, or Redis under a key prefix of this test's
+    own. Rates are per hour where the test does not wait: in memory the windows are aligned
+    to the clock, and hits either side of a window's edge would count as fewer."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    prefix = f"test-{uuid.uuid4()}"
+    made: list[CheckoutLimiter] = []
+
+    def make(rate: str) -> CheckoutLimiter:
+        made.append(CheckoutLimiter(rate, url, key_prefix=prefix))
+        return made[-1]
+
+    yield make
+    for limiter in made:
+        await limiter.aclose()
+
+
+async def test_the_hit_after_the_limit_is_refused_with_a_retry_after(
+    limiters: LimiterFactory,
+) -> None:
+    limiter = limiters("3/hour")
+    for _ in range(3):
+        await limiter.hit(ADDRESS)
+    with pytest.raises(RateLimited) as refused:
+        await limiter.hit(ADDRESS)
+    assert refused.value.code == ErrorCode.RATE_LIMITED
+    assert 1 <= refused.value.retry_after <= 3600
+    assert refused.value.details == {"retry_after": refused.value.retry_after}
+
+
+async def test_retry_after_is_when_the_next_hit_is_accepted(limiters: LimiterFactory) -> None:
+    limiter = limiters("2/second")
+    # In memory the windows are whole seconds: two hits either side of an edge are not two
+    # hits in one window.
+    if time.time() % 1 > 0.9:
+        await asyncio.sleep(0.2)
+    await limiter.hit(ADDRESS)
+    await limiter.hit(ADDRESS)
+    with pytest.raises(RateLimited) as refused:
+        await limiter.hit(ADDRESS)
+    assert refused.value.retry_after == 1
+    await asyncio.sleep(refused.value.retry_after)
+    await limiter.hit(ADDRESS)
+
+
+async def test_identities_have_budgets_of_their_own(limiters: LimiterFactory) -> None:
+    limiter = limiters("2/hour")
+    await limiter.hit(ADDRESS)
+    await limiter.hit(ADDRESS)
+    with pytest.raises(RateLimited):
+        await limiter.hit(ADDRESS)
+    await limiter.hit("address:198.51.100.1")
+    await limiter.hit(CUSTOMER)
+
+
+async def test_one_identity_over_refuses_the_hit_and_spends_nothing_of_the_others(
+    limiters: LimiterFactory,
+) -> None:
+    limiter = limiters("2/hour")
+    await limiter.hit(CUSTOMER)
+    await limiter.hit(CUSTOMER)
+    for _ in range(3):
+        with pytest.raises(RateLimited):
+            await limiter.hit(ADDRESS, CUSTOMER)
+    # The refused checkouts did not count against the address.
+    await limiter.hit(ADDRESS)
+    await limiter.hit(ADDRESS)
+    with pytest.raises(RateLimited):
+        await limiter.hit(ADDRESS)
+
+
+async def test_every_limit_of_a_multiple_rate_holds(limiters: LimiterFactory) -> None:
+    limiter = limiters("5/day;2/hour")
+    await limiter.hit(ADDRESS)
+    await limiter.hit(ADDRESS)
+    with pytest.raises(RateLimited):
+        await limiter.hit(ADDRESS)
+
+
+async def test_two_processes_on_one_redis_share_one_budget(redis_url: str) -> None:
+    prefix = f"test-{uuid.uuid4()}"
+    first = CheckoutLimiter("3/hour", redis_url, key_prefix=prefix)
+    second = CheckoutLimiter("3/hour", redis_url, key_prefix=prefix)
+    try:
+        await first.hit(ADDRESS)
+        await second.hit(ADDRESS)
+        await first.hit(ADDRESS)
+        for limiter in (first, second):
+            with pytest.raises(RateLimited):
+                await limiter.hit(ADDRESS)
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_an_unreachable_redis_lets_checkouts_through(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limiter = CheckoutLimiter("1/hour", f"redis://127.0.0.1:{free_port()}")
+    try:
+        with caplog.at_level(logging.WARNING, logger="api.ratelimit"):
+            for _ in range(5):
+                await limiter.hit(ADDRESS, CUSTOMER)
+    finally:
+        await limiter.aclose()
+    # One warning for the outage, not one per checkout.
+    ours = [record for record in caplog.records if record.name == "api.ratelimit"]
+    assert [record.levelno for record in ours] == [logging.WARNING]
+    assert "not rate limited" in ours[0].getMessage()
+
+
+@pytest.mark.parametrize("rate", ["", "thirty a minute", "30/fortnight", "0/minute", "30"])
+def test_a_rate_that_does_not_parse_is_refused_at_start_up(rate: str) -> None:
+    with pytest.raises(ValueError, match="rate"):
+        CheckoutLimiter(rate, None)
+
+
+# --- the client address ---------------------------------------------------------------------
+
+PROXY = "10.0.0.1"
+CLIENT = "203.0.113.7"
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "trusted", "expected"),
+    [
+        pytest.param(CLIENT, "198.51.100.1", [], CLIENT, id="no-trusted-proxies-header-ignored"),
+        pytest.param(PROXY, "198.51.100.1", [], PROXY, id="no-trusted-proxies-even-from-proxy"),
+        pytest.param(CLIENT, "198.51.100.1", [PROXY], CLIENT, id="untrusted-peer-header-ignored"),
+        pytest.param(PROXY, None, [PROXY], PROXY, id="trusted-peer-without-header"),
+        pytest.param(PROXY, CLIENT, [PROXY], CLIENT, id="trusted-proxy"),
+        pytest.param(PROXY, f"198.51.100.1, {CLIENT}", [PROXY], CLIENT, id="right-most-untrusted"),
+        pytest.param(
+            PROXY,
+            f"198.51.100.1, {CLIENT}, 10.0.0.2",
+            [PROXY, "10.0.0.2"],
+            CLIENT,
+            id="chain-of-two-trusted-proxies",
+        ),
+        pytest.param("10.1.2.3", f"{CLIENT}, 10.9.9.9", ["10.0.0.0/8"], CLIENT, id="cidr-ipv4"),
+        pytest.param(
+            "2001:db8::5",
+            "2001:DB9:0::1",
+            ["2001:db8::/32"],
+            "2001:db9::1",
+            id="cidr-ipv6-canonical-form",
+        ),
+        pytest.param("::ffff:10.0.0.1", CLIENT, ["10.0.0.0/8"], CLIENT, id="ipv4-mapped-peer"),
+        pytest.param(PROXY, f"{CLIENT}:4711", [PROXY], CLIENT, id="ipv4-with-port"),
+        pytest.param(PROXY, "[2001:db9::1]:443", [PROXY], "2001:db9::1", id="ipv6-with-port"),
+        pytest.param(
+            PROXY, "10.0.0.3, 10.0.0.2", ["10.0.0.0/8"], "10.0.0.3", id="all-trusted-left-most"
+        ),
+    ],
+)
+def test_client_address(
+    peer: str, forwarded_for: str | None, trusted: list[str], expected: str
+) -> None:
+    assert client_address(peer, forwarded_for, TrustedProxies(trusted)) == expected
+
+
+@pytest.mark.parametrize(
+    "forwarded_for",
+    [
+        "unknown",
+        "not an address",
+        "",
+        ",,,",
+        " , ",
+        f"{CLIENT}, garbage",
+        f"{CLIENT}, 10.0.0.2:port",
+        "[2001:db8::1",
+        "999.999.999.999",
+        "\x00\xff" * 1000,
+        "1.2.3.4/24",
+    ],
+)
+def test_a_malformed_header_falls_back_to_the_peer(forwarded_for: str) -> None:
+    trusted = TrustedProxies([PROXY, "10.0.0.2"])
+    assert client_address(PROXY, forwarded_for, trusted) == PROXY
+
+
+def test_garbage_left_of_the_client_is_never_reached() -> None:
+    assert client_address(PROXY, f"garbage, {CLIENT}", TrustedProxies([PROXY])) == CLIENT
+
+
+def test_a_peer_that_is_not_an_address_is_answered_as_it_is() -> None:
+    assert client_address("testclient", CLIENT, TrustedProxies([PROXY])) == "testclient"
+    assert client_address(None, CLIENT, TrustedProxies([PROXY])) is None
+
+
+@pytest.mark.parametrize("entry", ["*", "10.0.0.300", "proxy.internal", "10.0.0.0/33", ""])
+def test_a_trusted_proxy_that_is_not_an_address_or_cidr_is_refused_at_start_up(
+    entry: str,
+) -> None:
+    with pytest.raises(ValueError, match="TRUSTED_PROXIES"):
+        TrustedProxies([PROXY, entry])
+
+
+async def test_the_middleware_sets_the_client_from_every_forwarded_for_header() -> None:
+    seen: list[object] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["client"])
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        pass
+
+    middleware = ClientAddressMiddleware(app, [PROXY, "10.0.0.2"])
+
+    async def client_seen(peer: tuple[str, int], *forwarded_for: bytes) -> object:
+        headers = [(b"x-forwarded-for", value) for value in forwarded_for]
+        await middleware({"type": "http", "client": peer, "headers": headers}, receive, send)
+        return seen.pop()
+
+    assert await client_seen((PROXY, 5000), f"{CLIENT}, 10.0.0.2".encode()) == (CLIENT, 0)
+    # A proxy that adds a header line of its own instead of appending to the client's.
+    assert await client_seen((PROXY, 5000), b"198.51.100.1", CLIENT.encode()) == (CLIENT, 0)
+    assert await client_seen((CLIENT, 5000), b"198.51.100.1") == (CLIENT, 5000)
+    assert await client_seen((PROXY, 5000)) == (PROXY, 5000)

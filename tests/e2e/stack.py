@@ -34,6 +34,8 @@ from tests.conftest import PROJECT_ROOT, free_port
 from worker import build_worker
 
 GOOD_CARD = "4242424242424242"
+# The operator's view: the session's settings carry this admin token (tests/conftest.py).
+ADMIN = {"Authorization": "Bearer test-admin-token"}
 DECLINED_CARD = "4000000000000341"
 
 
@@ -160,7 +162,7 @@ class Stack:
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            order = (await self.api.get(f"/orders/{order_id}")).json()
+            order = (await self.api.get(f"/orders/{order_id}", headers=ADMIN)).json()
             if order.get("status") == status or time.monotonic() > deadline:
                 assert order.get("status") == status, order
                 return order  # type: ignore[no-any-return]
@@ -175,6 +177,10 @@ def stack_settings(settings: Settings, name: str, temporal_address: str, **more:
             "temporal_task_queue": f"{name}-{uuid.uuid4()}",
             "stripe_secret_key": SecretStr(f"sk_test_{name}"),
             "stripe_webhook_secret": SecretStr(f"whsec_{name}_secret"),
+            # The tests drive load from one address and a few customers: limits that fit them
+            # (the tests of the limits themselves set their own).
+            "rate_limit_checkouts": "1000000/minute",
+            "max_pending_checkouts": 1_000_000,
             **more,
         }
     )

@@ -11,7 +11,15 @@ import pytest
 from sqlalchemy import text
 
 from tests.e2e.stack import Stack
-from tests.e2e.test_checkout_http import ADMIN, cart, checkout, inventory, put_product
+from tests.e2e.test_checkout_http import (
+    ADMIN,
+    as_owner,
+    cancel,
+    cart,
+    checkout,
+    inventory,
+    put_product,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +33,7 @@ async def paid_order(stack: Stack, quantity: int = 2) -> dict[str, Any]:
 
 
 async def event_types(stack: Stack, order_id: str) -> list[str]:
-    order = (await stack.api.get(f"/orders/{order_id}")).json()
+    order = (await stack.api.get(f"/orders/{order_id}", headers=ADMIN)).json()
     return [e["type"] for e in order["events"]]
 
 
@@ -55,7 +63,7 @@ async def test_operator_refund_refunds_returns_stock_once_and_is_idempotent(stac
     assert await inventory(stack, "MUG") == (10, 0, 10)
     types = await event_types(stack, order_id)
     assert types.count("refunded") == 1
-    order = (await stack.api.get(f"/orders/{order_id}")).json()
+    order = (await stack.api.get(f"/orders/{order_id}", headers=ADMIN)).json()
     assert order["status"] == "refunded"
     assert order["payment"]["status"] == "refunded"
     refunds = await stack.stripe.http.get(
@@ -64,7 +72,7 @@ async def test_operator_refund_refunds_returns_stock_once_and_is_idempotent(stac
     assert len(refunds.json()["data"]) == 1
     again = await stack.api.post(f"/admin/orders/{order_id}/refund", headers=ADMIN)
     assert again.status_code == 200
-    assert (await stack.api.post(f"/orders/{order_id}/cancel")).status_code == 409
+    assert (await stack.api.post(f"/orders/{order_id}/cancel", headers=ADMIN)).status_code == 409
 
 
 async def test_only_paid_orders_can_be_refunded(stack: Stack) -> None:
@@ -80,7 +88,7 @@ async def test_only_paid_orders_can_be_refunded(stack: Stack) -> None:
     assert unknown.status_code == 404
     assert customer.status_code == 401
     assert await inventory(stack, "MUG") == (10, 1, 9)
-    await stack.api.post(f"/orders/{created['order_id']}/cancel")
+    await cancel(stack, created)
 
 
 async def test_a_refund_made_at_stripe_refunds_the_order_and_returns_stock(stack: Stack) -> None:
@@ -106,7 +114,9 @@ async def test_a_partial_refund_is_recorded_and_returns_no_stock(stack: Stack) -
     types = await wait_for_event(stack, created["order_id"], "partially_refunded")
 
     assert "refunded" not in types
-    order = (await stack.api.get(f"/orders/{created['order_id']}")).json()
+    order = (
+        await stack.api.get(f"/orders/{created['order_id']}", headers=as_owner(created))
+    ).json()
     assert order["status"] == "paid"
     assert await inventory(stack, "MUG") == (8, 0, 8)
 
@@ -125,7 +135,7 @@ async def test_a_success_after_the_checkout_closed_is_refunded(stack: Stack) -> 
     await put_product(stack, "MUG", 10)
     created = await checkout(stack, cart(("MUG", 1)))
     order_id, checkout_id = created["order_id"], created["checkout_id"]
-    await stack.api.post(f"/orders/{order_id}/cancel")
+    await stack.api.post(f"/orders/{order_id}/cancel", headers=ADMIN)
     late = await stack.stripe.http.post(
         "/v1/payment_intents",
         data={
@@ -149,7 +159,7 @@ async def test_a_success_after_the_checkout_closed_is_refunded(stack: Stack) -> 
     types = await wait_for_event(stack, order_id, "late_payment_refunded")
 
     assert types[-1] == "late_payment_refunded"
-    order = (await stack.api.get(f"/orders/{order_id}")).json()
+    order = (await stack.api.get(f"/orders/{order_id}", headers=ADMIN)).json()
     assert order["status"] == "cancelled"
     refunds = await stack.stripe.http.get("/v1/refunds", params={"payment_intent": late_id})
     assert [r["amount"] for r in refunds.json()["data"]] == [1200]
@@ -175,7 +185,9 @@ async def test_a_dispute_is_recorded_on_the_timeline(stack: Stack) -> None:
 
     assert response.json()["outcome"] == "acted"
     assert (await event_types(stack, created["order_id"]))[-1] == "dispute_created"
-    assert (await stack.api.get(f"/orders/{created['order_id']}")).json()["status"] == "paid"
+    assert (
+        await stack.api.get(f"/orders/{created['order_id']}", headers=as_owner(created))
+    ).json()["status"] == "paid"
 
 
 async def test_out_of_order_events_never_move_an_order_backwards(stack: Stack) -> None:
@@ -203,7 +215,9 @@ async def test_out_of_order_events_never_move_an_order_backwards(stack: Stack) -
         }
         assert (await stack.post_webhook(event)).status_code == 200
 
-    order = (await stack.api.get(f"/orders/{created['order_id']}")).json()
+    order = (
+        await stack.api.get(f"/orders/{created['order_id']}", headers=as_owner(created))
+    ).json()
     assert order["status"] == "refunded"
     assert await inventory(stack, "MUG") == (10, 0, 10)
 

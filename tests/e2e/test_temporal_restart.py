@@ -17,7 +17,7 @@ from core.invariants import check
 from core.settings import Settings
 from tests.conftest import free_port
 from tests.e2e.stack import Stack, running_stack, stack_settings
-from tests.e2e.test_checkout_http import cart, checkout, inventory, put_product
+from tests.e2e.test_checkout_http import as_owner, cart, checkout, inventory, put_product
 
 pytestmark = pytest.mark.e2e
 
@@ -93,7 +93,9 @@ async def test_checkouts_waiting_for_payment_survive_a_temporal_restart(
     await temporal.start()
 
     await stack.wait_for_order(to_pay["order_id"], "paid", timeout=60)
-    cancelled = await stack.api.post(f"/orders/{to_cancel['order_id']}/cancel")
+    cancelled = await stack.api.post(
+        f"/orders/{to_cancel['order_id']}/cancel", headers=as_owner(to_cancel)
+    )
     assert cancelled.json()["status"] == "cancelled"
     await stack.wait_for_order(to_expire["order_id"], "expired", timeout=60)
     assert await inventory(stack, "MUG") == (9, 0, 9)

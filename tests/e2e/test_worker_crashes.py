@@ -19,7 +19,7 @@ from core.invariants import check
 from core.settings import Settings
 from tests.conftest import PROJECT_ROOT
 from tests.e2e.stack import Stack, running_stack, stack_settings
-from tests.e2e.test_checkout_http import cart, checkout, inventory, put_product
+from tests.e2e.test_checkout_http import cancel, cart, checkout, inventory, put_product
 
 pytestmark = pytest.mark.e2e
 
@@ -135,7 +135,7 @@ async def test_killed_while_finishing(stack: Stack, stage: str) -> None:
         if stage == "settle_payment":
             await stack.stripe.pay(created["payment"]["payment_intent_id"])
         else:
-            finishing = asyncio.create_task(stack.api.post(f"/orders/{created['order_id']}/cancel"))
+            finishing = asyncio.create_task(cancel(stack, created))
         assert await wait_exit(doomed) == -9
     with worker_process(stack):
         if stage == "settle_payment":

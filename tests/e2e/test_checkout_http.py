@@ -4,6 +4,7 @@ with its real activities, and the Stripe stand-in sending signed webhooks."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -118,8 +119,14 @@ async def test_a_declined_card_is_recorded_and_another_card_pays(stack: Stack) -
 
     declined = await stack.stripe.pay(intent_id, DECLINED_CARD)
     assert declined.status_code == 402
-    await asyncio.sleep(0.5)
+    # Once the decline's webhook has reached the checkout, it is still waiting for payment.
+    deadline = time.monotonic() + 20
     state = (await stack.api.get(f"/checkouts/{created['checkout_id']}")).json()
+    while not state["payment_attempts"]:
+        assert time.monotonic() < deadline, state
+        await asyncio.sleep(0.1)
+        state = (await stack.api.get(f"/checkouts/{created['checkout_id']}")).json()
+    assert [a["outcome"] for a in state["payment_attempts"]] == ["failed"]
     assert state["status"] == "pending_payment"
 
     assert (await stack.stripe.pay(intent_id)).json()["status"] == "succeeded"

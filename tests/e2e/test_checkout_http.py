@@ -104,7 +104,7 @@ async def test_checkout_then_card_payment_marks_the_order_paid_and_commits_stock
     assert [a["outcome"] for a in state["payment_attempts"]] == ["succeeded"]
     # Operators find the run by its search attributes (visibility is eventually consistent).
     query = f'CheckoutStatus="paid" AND OrderId="{created["order_id"]}"'
-    for _ in range(50):
+    for _ in range(200):  # 20 s at least, as long as waiting for an order
         found = [w.id async for w in stack.services.temporal.list_workflows(query)]
         if found:
             break

@@ -52,6 +52,24 @@ async def counts(db: SessionFactory, checkout_id: uuid.UUID) -> tuple[int, int]:
     return int(reservations or 0), int(orders or 0)
 
 
+async def wait_for_lock_waiters(db: SessionFactory, count: int, timeout: float = 30) -> None:
+    """Until `count` backends of this database wait for a lock (a row lock, here)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        # A new transaction each time: pg_stat_activity is a snapshot per transaction.
+        async with db() as session:
+            waiting = await session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+        if waiting == count:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{waiting} waiting, not {count}"
+        await asyncio.sleep(0.01)
+
+
 async def test_prices_reserves_and_creates_the_order_at_once(
     activities: OrderActivities, db: SessionFactory
 ) -> None:
@@ -137,11 +155,11 @@ async def test_an_attempt_that_loses_the_race_answers_with_the_winners_prices(
     async with db.begin() as blocker:
         await blocker.execute(text("SELECT 1 FROM stock WHERE sku = 'mug' FOR UPDATE"))
         first = asyncio.create_task(env.run(activities.open_order, open_mug))
-        await asyncio.sleep(0.3)  # priced at 900, waiting for the stock row
+        await wait_for_lock_waiters(db, 1)  # priced at 900, waiting for the stock row
         async with db.begin() as session:
             await session.execute(text("UPDATE products SET unit_price = 1000 WHERE sku = 'mug'"))
         second = asyncio.create_task(env.run(activities.open_order, open_mug))
-        await asyncio.sleep(0.3)  # priced at 1000, waiting behind the first
+        await wait_for_lock_waiters(db, 2)  # priced at 1000, waiting behind the first
     carts = await asyncio.gather(first, second)
 
     assert [cart.subtotal for cart in carts] == [1800, 1800]

@@ -46,6 +46,24 @@ async def wait_for_event(stack: Stack, order_id: str, type: str, timeout: float 
     raise AssertionError(f"no {type} in {await event_types(stack, order_id)}")
 
 
+async def wait_for_refund_webhook(stack: Stack, intent_id: str, timeout: float = 30) -> None:
+    """Until the API has handled Stripe's `charge.refunded` for the intent: its row is written
+    in the transaction that commits after the refund was applied to the order."""
+    for _ in range(int(timeout * 10)):
+        async with stack.services.sessions() as session:
+            received = await session.scalar(
+                text(
+                    "SELECT count(*) FROM processed_webhook_events WHERE type = 'charge.refunded'"
+                    " AND payload -> 'data' -> 'object' ->> 'payment_intent' = :intent"
+                ),
+                {"intent": intent_id},
+            )
+        if received:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no charge.refunded for {intent_id} received")
+
+
 async def test_operator_refund_refunds_returns_stock_once_and_is_idempotent(stack: Stack) -> None:
     created = await paid_order(stack)
     order_id = created["order_id"]
@@ -59,7 +77,7 @@ async def test_operator_refund_refunds_returns_stock_once_and_is_idempotent(stac
     assert all(r.json() == {"order_id": order_id, "status": "refunded"} for r in responses)
     assert await inventory(stack, "MUG") == (10, 0, 10)
     # Stripe's charge.refunded for the same refund arrives too: no second effect.
-    await asyncio.sleep(1)
+    await wait_for_refund_webhook(stack, created["payment"]["payment_intent_id"])
     assert await inventory(stack, "MUG") == (10, 0, 10)
     types = await event_types(stack, order_id)
     assert types.count("refunded") == 1
@@ -156,6 +174,8 @@ async def test_a_success_after_the_checkout_closed_is_refunded(stack: Stack) -> 
         )
 
     await stack.stripe.pay(late_id)
+    # Stripe's charge.refunded for that refund comes too: it must not change the order.
+    await wait_for_refund_webhook(stack, late_id)
     types = await wait_for_event(stack, order_id, "late_payment_refunded")
 
     assert types[-1] == "late_payment_refunded"
@@ -214,6 +234,8 @@ async def test_out_of_order_events_never_move_an_order_backwards(stack: Stack) -
             },
         }
         assert (await stack.post_webhook(event)).status_code == 200
+    # And the refund's own charge.refunded, whenever Stripe delivers it.
+    await wait_for_refund_webhook(stack, intent_id)
 
     order = (
         await stack.api.get(f"/orders/{created['order_id']}", headers=as_owner(created))
@@ -234,6 +256,8 @@ async def test_a_payment_that_does_not_match_the_order_is_refunded_not_accepted(
     assert changed.status_code == 200
     assert (await stack.stripe.pay(intent_id)).json()["status"] == "succeeded"
 
+    # The refund's charge.refunded comes too: it must not change the order.
+    await wait_for_refund_webhook(stack, intent_id)
     order = await stack.wait_for_order(created["order_id"], "cancelled")
 
     types = [e["type"] for e in order["events"]]

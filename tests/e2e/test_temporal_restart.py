@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from temporalio.client import Client
 
+from api.services import workflow_id
 from core.db import SessionFactory
 from core.dev.temporal_server import start_dev_argv
 from core.invariants import check
@@ -54,6 +57,18 @@ class TemporalServer:
             self.proc.wait(30)
 
 
+async def window_end(stack: Stack, checkout_id: str) -> datetime:
+    """When the checkout's payment-window timer is due, as its history records it."""
+    handle = stack.services.temporal.get_workflow_handle(workflow_id(uuid.UUID(checkout_id)))
+    async with asyncio.timeout(30):
+        while True:
+            for event in (await handle.fetch_history()).events:
+                if event.HasField("timer_started_event_attributes"):
+                    timeout = event.timer_started_event_attributes.start_to_fire_timeout
+                    return event.event_time.ToDatetime(UTC) + timeout.ToTimedelta()
+            await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 def temporal(tmp_path: Path) -> Iterator[TemporalServer]:
     server = TemporalServer(tmp_path / "temporal.db")
@@ -80,16 +95,31 @@ async def test_checkouts_waiting_for_payment_survive_a_temporal_restart(
     stack.services.checkouts.payment_timeout_seconds = 8
     to_expire = await checkout(stack, cart(("MUG", 3)))
     assert await inventory(stack, "MUG") == (10, 6, 4)
+    fires_at = await window_end(stack, to_expire["checkout_id"])
 
     temporal.stop()
-    # Paid while Temporal is down: the webhook cannot be signalled, is answered 503, and the
-    # stand-in delivers it again later, as Stripe does.
-    paid = await stack.stripe.pay(to_pay["payment"]["payment_intent_id"])
+    # That window ends while Temporal is down, however long the restart takes: its timer has
+    # to fire from what the server stored.
+    assert datetime.now(UTC) < fires_at, "the payment window ended before Temporal stopped"
+    # Paid while Temporal is down: the webhook cannot be signalled and, once the client has
+    # given up retrying (about 15 s here), is answered 503; the stand-in delivers it again
+    # later, as Stripe does.
+    intent_id = to_pay["payment"]["payment_intent_id"]
+    paid = await stack.stripe.pay(intent_id)
     assert paid.json()["status"] == "succeeded"
     health = await stack.api.get("/healthz")
     assert health.status_code == 503
     assert health.json()["details"]["temporal"] == "down"
-    await asyncio.sleep(2)
+    (event,) = [
+        e
+        for e in await stack.stripe.events("payment_intent.succeeded")
+        if e["data"]["object"]["id"] == intent_id
+    ]
+    # Delivered here too, after the stand-in's first attempt began: once this one is refused,
+    # that one has failed as well (refused the same way, or cut by the stand-in's timeout).
+    assert (await stack.post_webhook(event)).status_code == 503
+    # Back only once the window is over (it is, here, after that wait for the 503).
+    await asyncio.sleep((fires_at - datetime.now(UTC)).total_seconds() + 0.1)
     await temporal.start()
 
     await stack.wait_for_order(to_pay["order_id"], "paid", timeout=60)

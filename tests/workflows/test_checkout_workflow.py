@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from temporalio.client import (
@@ -138,6 +139,16 @@ async def open_checkout(
         f"checkout-{input.checkout_id}", result_type=CheckoutState
     )
     return Checkout(handle, start, input)
+
+
+async def wait_for_timer_fired(handle: WorkflowHandle[Any, Any], timeout: float = 30) -> None:
+    """Until the run's history records a TimerFired event."""
+    async with asyncio.timeout(timeout):
+        while True:
+            history = await handle.fetch_history()
+            if any(e.HasField("timer_fired_event_attributes") for e in history.events):
+                return
+            await asyncio.sleep(0.05)
 
 
 async def test_paid_checkout_commits_stock_and_marks_the_order_paid(
@@ -275,7 +286,7 @@ async def test_success_arriving_as_the_timer_fires_wins(
     # fast_forward fires the timer at once, then waits for a worker to see it; the success
     # lands in the same pending workflow task.
     skipping = asyncio.create_task(ts_env.fast_forward(checkout.handle, timedelta(minutes=16)))
-    await asyncio.sleep(1)
+    await wait_for_timer_fired(checkout.handle)
     world.pay(checkout.intent_id)
     await checkout.event(SUCCEEDED)
     async with Worker(

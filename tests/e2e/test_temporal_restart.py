@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,11 +12,11 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from api.services import workflow_id
 from core.db import SessionFactory
 from core.dev.temporal_server import start_dev_argv
 from core.invariants import check
 from core.settings import Settings
+from core.workflow_ids import checkout_workflow_id
 from tests.conftest import free_port
 from tests.e2e.stack import Stack, running_stack, stack_settings
 from tests.e2e.test_checkout_http import as_owner, cart, checkout, inventory, put_product
@@ -59,7 +58,7 @@ class TemporalServer:
 
 async def window_end(stack: Stack, checkout_id: str) -> datetime:
     """When the checkout's payment-window timer is due, as its history records it."""
-    handle = stack.services.temporal.get_workflow_handle(workflow_id(uuid.UUID(checkout_id)))
+    handle = stack.services.temporal.get_workflow_handle(checkout_workflow_id(checkout_id))
     async with asyncio.timeout(30):
         while True:
             for event in (await handle.fetch_history()).events:

@@ -213,7 +213,15 @@ async def running_stack(
     worker = build_worker(settings, client, create_session_factory(engine), gateway)
     app = create_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=api_port, log_level="warning", lifespan="on")
+        # As `python -m api` serves it: only TRUSTED_PROXIES decides about X-Forwarded-For.
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=api_port,
+            log_level="warning",
+            lifespan="on",
+            proxy_headers=False,
+        )
     )
     serving = asyncio.create_task(server.serve())
     stripe = StripeStandIn(stripe_port, settings.stripe_secret_key.get_secret_value())

@@ -142,6 +142,11 @@ class CheckoutWorkflow:
         try:
             if await self._open():
                 await self._settle()
+        except GeneratorExit:
+            # The coroutine of a run the worker dropped without evicting it (e.g. a terminated
+            # run still cached when the worker stops) is being garbage-collected: this is not
+            # the workflow ending, and no workflow call works here.
+            raise
         except BaseException:
             # Failure or cancellation of the workflow itself: undo whatever was done.
             await self._compensate(CANCELLED, "checkout workflow failed or was cancelled")

@@ -14,15 +14,19 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.orders import OrderActivities
 from activities.payments import PaymentActivities
+from activities.reconcile import ReconcileActivities
 from activities.refunds import RefundActivities
 from core.db import SessionFactory, create_engine, create_session_factory
 from core.ledger import StockLedger
 from core.orders import OrderStore
+from core.reconciliation import ReconciliationStore
+from core.schedules import ensure_reconciler_schedule
 from core.sealing import Sealer
 from core.settings import Settings, load_settings
 from core.stripe_gateway import StripeGateway, create_gateway
 from core.temporal import connect
 from workflows.checkout import CheckoutWorkflow
+from workflows.reconciler import ReconcilerWorkflow
 from workflows.refund import LatePaymentWorkflow, RefundWorkflow
 
 log = logging.getLogger("worker")
@@ -39,10 +43,13 @@ def build_worker(
     order_activities = OrderActivities(orders)
     payments = PaymentActivities(gateway, orders, Sealer(settings.secret_key.get_secret_value()))
     refunds = RefundActivities(gateway, orders)
+    reconcile = ReconcileActivities(
+        ReconciliationStore(sessions), orders, payments, gateway, client
+    )
     return Worker(
         client,
         task_queue=settings.temporal_task_queue,
-        workflows=[CheckoutWorkflow, RefundWorkflow, LatePaymentWorkflow],
+        workflows=[CheckoutWorkflow, RefundWorkflow, LatePaymentWorkflow, ReconcilerWorkflow],
         activities=[
             order_activities.open_order,
             order_activities.close_order,
@@ -52,6 +59,8 @@ def build_worker(
             payments.settle_payment,
             refunds.refund_order,
             refunds.refund_late_payment,
+            reconcile.find_stale_checkouts,
+            reconcile.settle_stale_checkout,
         ],
         graceful_shutdown_timeout=timedelta(seconds=10),
         interceptors=interceptors,
@@ -74,6 +83,7 @@ async def main() -> None:
     settings = load_settings()
     engine = create_engine(settings)
     client = await connect(settings)
+    await ensure_reconciler_schedule(client, settings)
     gateway = create_gateway(settings)
     worker = build_worker(settings, client, create_session_factory(engine), gateway)
 

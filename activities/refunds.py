@@ -7,7 +7,7 @@ import uuid
 from pydantic import BaseModel
 from temporalio import activity
 
-from core.orders import PAID, REFUNDED, OrderStore
+from core.orders import PAID, PENDING, REFUNDED, OrderStore
 from core.stripe_gateway import StripeGateway
 
 
@@ -28,7 +28,8 @@ class LatePaymentInput(BaseModel):
 
 
 class LatePaymentResult(BaseModel):
-    # refunded: the money went back; kept: the order is paid after all; none: nothing was paid
+    # refunded: the money went back; kept: the order is paid after all, or still pending (the
+    # reconciler pays it); none: nothing was paid
     outcome: str
     refund_id: str | None = None
 
@@ -59,7 +60,9 @@ class RefundActivities:
         """A payment that succeeded after its checkout closed: the stock is gone, so the money
         goes back. Stripe's state decides; a paid order keeps its payment."""
         status = await self._orders.status(input.order_id)
-        if status in (PAID, REFUNDED):
+        # A pending order's checkout never closed (its run was terminated or lost): the payment
+        # is not late, and the reconciler pays the order once its window ends.
+        if status in (PAID, REFUNDED, PENDING):
             return LatePaymentResult(outcome="kept")
         intent = await self._stripe.retrieve_intent(input.payment_intent_id)
         if intent.status != "succeeded":

@@ -135,3 +135,13 @@ class TimelineEvent(StrEnum):
     PAYMENT_MISMATCH_REFUNDED = "payment_mismatch_refunded"
     DISPUTE_CREATED = "dispute_created"
     RECONCILED = "reconciled"
+
+
+class ReconcileOutcome(StrEnum):
+    """What the reconciler did with a checkout whose workflow no longer runs."""
+
+    PAID = "paid"
+    EXPIRED = "expired"
+    # Left for a later run: its workflow runs again, its payment is in flight, or it was
+    # settled meanwhile.
+    SKIPPED = "skipped"

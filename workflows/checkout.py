@@ -13,6 +13,7 @@ Deterministic: time from `workflow.now()`, no I/O; every side effect is an activ
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -151,8 +152,12 @@ class CheckoutWorkflow:
         try:
             if await self._open():
                 await self._settle()
-        except BaseException:
-            # Failure or cancellation of the workflow itself: undo whatever was done.
+        except (asyncio.CancelledError, FailureError):
+            # Cancellation of the workflow, or a Temporal failure nothing else handled: undo
+            # whatever was done. A plain bug in this code is not caught: it fails the workflow
+            # task, which Temporal retries until a fixed worker runs it, instead of undoing a
+            # sale. (Nor is GeneratorExit: a run the worker drops from its cache is being
+            # garbage-collected, not ending, and no workflow call works then.)
             await self._compensate(CANCELLED, "checkout workflow failed or was cancelled")
             raise
         # Let the `start` and `cancel` updates deliver their answers before the run ends.

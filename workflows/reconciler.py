@@ -1,0 +1,98 @@
+"""The reconciler: settles checkouts whose own workflow will never settle them.
+
+    find pending checkouts past their payment window whose workflow is not running
+    for each (a few at a time): settle it as the saga would have (pay or expire)
+    return how many were found, paid, expired, skipped and failed
+
+Started by the `checkout-reconciler` schedule every RECONCILE_INTERVAL seconds (one run at a
+time). Deterministic, orchestration only: every read and write is an activity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.reconcile import (
+        FindStaleCheckoutsInput,
+        ReconcileActivities,
+        SettleStaleCheckoutInput,
+        StaleCheckout,
+    )
+    from core.vocabulary import ReconcileOutcome
+    from workflows.reconciler_models import ReconcilerInput, ReconcileSummary
+
+# Bounded retries: a run ends in bounded time, and whatever it could not do now is still
+# there for the next run (the schedule skips a start while a run is going).
+RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=4,
+)
+# Checkouts settled at once: each is a few Stripe calls and database transactions.
+PARALLEL = 10
+
+
+@workflow.defn
+class ReconcilerWorkflow:
+    @workflow.run
+    async def run(self, input: ReconcilerInput) -> ReconcileSummary:
+        workflow.set_current_details("Looking for checkouts whose workflow is gone")
+        found = await workflow.execute_activity_method(
+            ReconcileActivities.find_stale_checkouts,
+            FindStaleCheckoutsInput(limit=input.batch_size),
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=RETRY,
+            summary=f"find up to {input.batch_size} pending checkouts past their payment "
+            "window whose workflow is not running",
+        )
+        summary = ReconcileSummary(
+            found=len(found.checkouts) + found.running, skipped=found.running
+        )
+        for start in range(0, len(found.checkouts), PARALLEL):
+            batch = found.checkouts[start : start + PARALLEL]
+            workflow.set_current_details(
+                f"Settling checkouts {start + 1}-{start + len(batch)} of {len(found.checkouts)}"
+            )
+            for outcome in await asyncio.gather(*(self._settle(c) for c in batch)):
+                if outcome == ReconcileOutcome.PAID:
+                    summary.paid += 1
+                elif outcome == ReconcileOutcome.EXPIRED:
+                    summary.expired += 1
+                elif outcome == ReconcileOutcome.SKIPPED:
+                    summary.skipped += 1
+                else:
+                    summary.failed += 1
+        workflow.set_current_details(
+            f"Found {summary.found}: {summary.paid} paid, {summary.expired} expired, "
+            f"{summary.skipped} skipped, {summary.failed} failed"
+        )
+        return summary
+
+    async def _settle(self, checkout: StaleCheckout) -> ReconcileOutcome | None:
+        """One checkout; None if it could not be settled now (it stays for the next run)."""
+        try:
+            settled = await workflow.execute_activity_method(
+                ReconcileActivities.settle_stale_checkout,
+                SettleStaleCheckoutInput(checkout=checkout),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RETRY,
+                summary=f"settle checkout {checkout.checkout_id} (order {checkout.order_id}, "
+                f"workflow {checkout.workflow_status}): pay it if Stripe says the payment "
+                "succeeded, else cancel the PaymentIntent and expire the order",
+            )
+        except ActivityError as err:
+            workflow.logger.warning(
+                "could not settle checkout %s (order %s): %s",
+                checkout.checkout_id,
+                checkout.order_id,
+                err.cause or err,
+            )
+            return None
+        return settled.outcome

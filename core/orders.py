@@ -393,7 +393,7 @@ class OrderStore:
         """Release the stock and close a pending order as `cancelled` or `expired`, in one
         transaction; idempotent. Without an order (it was never created), only releases.
         `release_key` (a refused checkout: nothing was kept) frees its Idempotency-Key;
-        `timeline` adds entries of its own before the closing ones (dedupe key per type).
+        `timeline` adds entries of its own after the closing ones (dedupe key per type).
 
         Returns the order's status afterwards (a paid order stays paid).
         """
@@ -412,12 +412,12 @@ class OrderStore:
                 await session.execute(
                     update(Payment).where(Payment.order_id == order_id).values(status=intent_status)
                 )
-            for type, data in timeline:
-                await add_event(session, order_id, type, data, f"{order_id}:{type}")
             await add_event(
                 session, order_id, TimelineEvent.STOCK_RELEASED, {}, f"{order_id}:released"
             )
             await add_event(session, order_id, status, {"reason": reason}, f"{order_id}:{status}")
+            for type, data in timeline:
+                await add_event(session, order_id, type, data, f"{order_id}:{type}")
             await add_outbox(
                 session,
                 f"order.{status}",

@@ -16,6 +16,7 @@ from activities.orders import OrderActivities
 from activities.payments import PaymentActivities
 from activities.reconcile import ReconcileActivities
 from activities.refunds import RefundActivities
+from core.checkout_keys import CheckoutKeyStore
 from core.db import SessionFactory, create_engine, create_session_factory
 from core.ledger import StockLedger
 from core.orders import OrderStore
@@ -44,7 +45,7 @@ def build_worker(
     payments = PaymentActivities(gateway, orders, Sealer(settings.secret_key.get_secret_value()))
     refunds = RefundActivities(gateway, orders)
     reconcile = ReconcileActivities(
-        ReconciliationStore(sessions), orders, payments, gateway, client
+        ReconciliationStore(sessions), CheckoutKeyStore(sessions), orders, payments, gateway, client
     )
     return Worker(
         client,

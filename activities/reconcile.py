@@ -19,6 +19,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.payments import PaymentActivities, PaymentIntentInput, SettleInput
+from core.checkout_keys import CheckoutKeyStore
 from core.orders import OrderStore
 from core.reconciliation import ExpiredCheckout, ReconciliationStore
 from core.stripe_gateway import StripeGateway
@@ -90,12 +91,14 @@ class ReconcileActivities:
     def __init__(
         self,
         store: ReconciliationStore,
+        keys: CheckoutKeyStore,
         orders: OrderStore,
         payments: PaymentActivities,
         gateway: StripeGateway,
         temporal: Client,
     ) -> None:
         self._store = store
+        self._keys = keys
         self._orders = orders
         self._payments = payments
         self._stripe = gateway
@@ -112,6 +115,12 @@ class ReconcileActivities:
             if status is not None
         ]
         return StaleCheckouts(checkouts=stale, running=len(expired) - len(stale))
+
+    @activity.defn(name="forget_expired_keys")
+    async def forget_expired_keys(self) -> int:
+        """Delete Idempotency-Keys past their TTL (a batch; an expired key is also claimed anew
+        by its next request, so this only keeps the table small)."""
+        return await self._keys.delete_expired()
 
     @activity.defn(name="settle_stale_checkout")
     async def settle_stale_checkout(self, input: SettleStaleCheckoutInput) -> SettledCheckout:

@@ -2,6 +2,7 @@
 
     find pending checkouts past their payment window whose workflow is not running
     for each (a few at a time): settle it as the saga would have (pay or expire)
+    delete Idempotency-Keys whose time is up
     return how many were found, paid, expired, skipped and failed
 
 Started by the `checkout-reconciler` schedule every RECONCILE_INTERVAL seconds (one run at a
@@ -69,9 +70,16 @@ class ReconcilerWorkflow:
                     summary.skipped += 1
                 else:
                     summary.failed += 1
+        summary.keys_forgotten = await workflow.execute_activity_method(
+            ReconcileActivities.forget_expired_keys,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RETRY,
+            summary="delete Idempotency-Keys past IDEMPOTENCY_KEY_TTL",
+        )
         workflow.set_current_details(
             f"Found {summary.found}: {summary.paid} paid, {summary.expired} expired, "
-            f"{summary.skipped} skipped, {summary.failed} failed"
+            f"{summary.skipped} skipped, {summary.failed} failed; "
+            f"{summary.keys_forgotten} expired Idempotency-Keys deleted"
         )
         return summary
 

@@ -25,3 +25,5 @@ class ReconcileSummary(BaseModel):
     skipped: int = 0
     # Could not be settled now (the activity's retries ran out): the next run tries again.
     failed: int = 0
+    # Idempotency-Keys past IDEMPOTENCY_KEY_TTL deleted by this run (housekeeping).
+    keys_forgotten: int = 0

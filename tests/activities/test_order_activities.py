@@ -165,3 +165,41 @@ async def test_an_attempt_that_loses_the_race_answers_with_the_winners_prices(
     assert [cart.subtotal for cart in carts] == [1800, 1800]
     assert await counts(db, open_mug.checkout_id) == (1, 1)
     assert (await Catalog(db).inventory("mug")).reserved == 2
+
+
+async def test_data_the_database_refuses_fails_at_once_not_retried(
+    activities: OrderActivities, db: SessionFactory
+) -> None:
+    """The API refuses NUL first; should such data reach the activity all the same (a bug,
+    another client of the workflow), the step fails for good at once instead of being retried
+    until its deadline and answered 503. Nothing is kept."""
+    poisoned = request(("mug", 1)).model_copy(update={"metadata": {"note": "a\x00b"}})
+
+    with pytest.raises(ApplicationError) as raised:
+        await ActivityEnvironment().run(activities.open_order, poisoned)
+
+    assert raised.value.type == ErrorCode.VALIDATION_ERROR
+    assert raised.value.non_retryable
+    assert await counts(db, poisoned.checkout_id) == (0, 0)
+    assert (await Catalog(db).inventory("mug")).reserved == 0
+
+
+async def test_a_violated_constraint_is_a_bug_refused_at_once(
+    activities: OrderActivities, db: SessionFactory
+) -> None:
+    """A constraint the code should never break (here one added for the test that no order
+    can meet) fails the step for good at once, not in a retry loop."""
+    async with db.begin() as session:
+        await session.execute(text("ALTER TABLE orders ADD CONSTRAINT ck_test_never CHECK (false)"))
+    try:
+        refused = request(("mug", 1))
+        with pytest.raises(ApplicationError) as raised:
+            await ActivityEnvironment().run(activities.open_order, refused)
+    finally:
+        async with db.begin() as session:
+            await session.execute(text("ALTER TABLE orders DROP CONSTRAINT ck_test_never"))
+
+    assert raised.value.type == ErrorCode.INTERNAL_ERROR
+    assert raised.value.non_retryable
+    assert await counts(db, refused.checkout_id) == (0, 0)
+    assert (await Catalog(db).inventory("mug")).reserved == 0

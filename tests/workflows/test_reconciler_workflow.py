@@ -58,6 +58,10 @@ class FakeReconciler:
         self.limit = input.limit
         return StaleCheckouts(checkouts=self.checkouts, running=self.running)
 
+    @activity.defn(name="forget_expired_keys")
+    async def forget_expired_keys(self) -> int:
+        return 7
+
     @activity.defn(name="settle_stale_checkout")
     async def settle_stale_checkout(self, input: SettleStaleCheckoutInput) -> SettledCheckout:
         checkout_id = input.checkout.checkout_id
@@ -77,7 +81,11 @@ async def run(
         env.client,
         task_queue=task_queue,
         workflows=[ReconcilerWorkflow],
-        activities=[fake.find_stale_checkouts, fake.settle_stale_checkout],
+        activities=[
+            fake.find_stale_checkouts,
+            fake.settle_stale_checkout,
+            fake.forget_expired_keys,
+        ],
     ):
         handle = await env.client.start_workflow(
             ReconcilerWorkflow.run,
@@ -104,7 +112,9 @@ async def test_one_checkout_that_cannot_be_settled_does_not_stop_the_others(
 
     summary, _ = await run(ts_env, fake, task_queue)
 
-    assert summary == ReconcileSummary(found=8, paid=2, expired=2, skipped=3, failed=1)
+    assert summary == ReconcileSummary(
+        found=8, paid=2, expired=2, skipped=3, failed=1, keys_forgotten=7
+    )
     assert fake.limit == 25
     # Every checkout was tried; the broken one as often as the retry policy allows, the flaky
     # one until it went through.
@@ -120,7 +130,7 @@ async def test_more_checkouts_than_run_at_once_are_all_settled(
 
     summary, _ = await run(ts_env, fake, task_queue)
 
-    assert summary == ReconcileSummary(found=23, expired=23)
+    assert summary == ReconcileSummary(found=23, expired=23, keys_forgotten=7)
     assert all(count == 1 for count in fake.attempts.values())
 
 
@@ -129,9 +139,10 @@ async def test_nothing_to_do(ts_env: WorkflowEnvironment, task_queue: str) -> No
 
     summary, history = await run(ts_env, fake, task_queue)
 
-    assert summary == ReconcileSummary(found=3, skipped=3)
+    assert summary == ReconcileSummary(found=3, skipped=3, keys_forgotten=7)
     assert not fake.attempts
-    assert len(activity_summaries(history)) == 1
+    # Finding and the key sweep, nothing settled.
+    assert len(activity_summaries(history)) == 2
 
 
 async def test_an_operator_reads_each_step_in_the_web_ui(
@@ -142,10 +153,11 @@ async def test_an_operator_reads_each_step_in_the_web_ui(
 
     _, history = await run(ts_env, fake, task_queue)
 
-    find, settle = activity_summaries(history)
+    find, settle, sweep = activity_summaries(history)
     assert find.startswith("find up to 25 pending checkouts past their payment window")
     assert settle.startswith(f"settle checkout {checkout.checkout_id} (order {checkout.order_id}")
     assert "TERMINATED" in settle
+    assert sweep == "delete Idempotency-Keys past IDEMPOTENCY_KEY_TTL"
 
 
 def activity_summaries(history: WorkflowHistory) -> list[str]:

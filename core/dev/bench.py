@@ -196,7 +196,7 @@ async def _seed(api: str) -> None:
                 response.raise_for_status()
 
 
-def _floor(stack: Stack, levels: list[int]) -> None:
+def _floor(stack: Stack, levels: list[int]) -> dict[int, float]:
     """The same dev server running the checkout's Temporal skeleton with no-op activities."""
     address = stack.env["TEMPORAL_ADDRESS"]
     worker = subprocess.Popen(
@@ -214,14 +214,17 @@ def _floor(stack: Stack, levels: list[int]) -> None:
             " Stripe\n"
             f"{'conc':>4} {'wf/s':>7} | Update-with-Start p50 ms | CPU s/workflow  (split)"
         )
+        rates: dict[int, float] = {}
         for concurrency in levels:
             result = asyncio.run(bench_floor.measure(address, concurrency, 15, processes))
+            rates[concurrency] = result.per_second
             split = " ".join(f"{k}={v:.1f}ms" for k, v in result.cpu_ms.items())
             print(
                 f"{concurrency:>4} {result.per_second:>7.1f} | {result.start_p50_ms:23.1f} | "
                 f"{sum(result.cpu_ms.values()) / 1000:.4f}  ({split})",
                 flush=True,
             )
+        return rates
     finally:
         worker.terminate()
         worker.wait(10)
@@ -240,6 +243,9 @@ def main() -> None:
     for name in EXTERNAL:
         os.environ.pop(name, None)
     os.environ["API_ACCESS_LOG"] = "false"
+    # All the load comes from this one address: a rate limit that fits it (each simulated
+    # customer has one checkout at a time, so MAX_PENDING_CHECKOUTS keeps its default).
+    os.environ["RATE_LIMIT_CHECKOUTS"] = "100000000/minute"
 
     with tempfile.TemporaryDirectory(prefix="checkout-bench-") as tmp:
         ports = Ports(
@@ -253,6 +259,7 @@ def main() -> None:
             db_url = stack.env["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
             asyncio.run(_seed(f"http://127.0.0.1:{ports.api}"))
             cpu = Cpu(stack)
+            rates: dict[int, float] = {}
             print(
                 f"\n{'conc':>4} {'done':>5} {'co/s':>7} | POST /checkout ms p50/p95/p99 "
                 f"| payment->paid ms p50/p95/p99 | CPU s/checkout  (split)"
@@ -262,6 +269,7 @@ def main() -> None:
                 level, used, done, elapsed = asyncio.run(
                     _run_level(stack, db_url, concurrency, per_client, cpu)
                 )
+                rates[concurrency] = done / elapsed
                 ms = level.checkout_ms
                 paid_ms = [s * 1000 for s in level.confirmed_at.values()]
                 total_cpu = sum(used.values())
@@ -275,7 +283,15 @@ def main() -> None:
                     flush=True,
                 )
             if args.floor_levels:
-                _floor(stack, [int(x) for x in args.floor_levels.split(",")])
+                floor = _floor(stack, [int(x) for x in args.floor_levels.split(",")])
+                print()
+                for concurrency in sorted(rates.keys() & floor.keys()):
+                    print(
+                        f"ratio at concurrency {concurrency}: {rates[concurrency]:.1f} checkouts/s"
+                        f" / {floor[concurrency]:.1f} floor workflows/s ="
+                        f" {rates[concurrency] / floor[concurrency]:.2f}",
+                        flush=True,
+                    )
             print(f"\nmachine: {os.cpu_count()} cores, shared by the stack and this load generator")
         finally:
             stack.supervisor.stop_all()

@@ -29,6 +29,7 @@ import jwt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from api.schemas import storable
 from core.errors import Forbidden, Unauthorized
 from core.settings import Settings
 
@@ -217,6 +218,12 @@ class Authenticator:
             )
         if email is not None and not isinstance(email, str):
             raise _refused("customer", "customer token's 'email' must be a string")
+        try:
+            # The sub becomes the order's customer.user_id: text PostgreSQL can store.
+            storable(sub)
+            storable(email or "")
+        except ValueError as exc:
+            raise _refused("customer", f"customer token's claims {exc}") from None
         return Caller(CallerKind.CUSTOMER, user_id=sub, email=email or None)
 
     async def _jwks_key(self, jwks: jwt.PyJWKClient, token: str) -> jwt.PyJWK:

@@ -493,3 +493,21 @@ async def test_refusals_log_the_kind_and_reason_but_never_a_token_or_secret(
     for token in tokens:
         for part in token.split("."):
             assert len(part) < 8 or part not in logged
+
+
+@pytest.mark.parametrize("sub", ["u\x00-1", "\ud800"], ids=["nul", "lone-surrogate"])
+async def test_a_sub_postgresql_cannot_store_is_refused(auth: Authenticator, sub: str) -> None:
+    # PyJWT encodes the lone surrogate as a JSON escape; it decodes back to the surrogate.
+    token = hs256(claims(sub=sub)) if sub != "\ud800" else _with_sub_escape(r"\ud800")
+    with pytest.raises(Unauthorized):
+        await auth.authenticate(bearer(token))
+
+
+def _with_sub_escape(escape: str) -> str:
+    """An HS256 token whose payload JSON holds `escape` verbatim as its sub."""
+    now = int(time.time())
+    payload = ('{"sub": "' + escape + '", "exp": ' + str(now + 300) + "}").encode()
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = f"{header}.{b64(payload)}"
+    signature = hmac.new(JWT_SECRET.encode(), body.encode(), hashlib.sha256).digest()
+    return f"{body}.{b64(signature)}"

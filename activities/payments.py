@@ -14,6 +14,7 @@ from activities.refusals import refused_at_once
 from core.orders import OrderStore
 from core.sealing import Sealer
 from core.stripe_gateway import Intent, StripeGateway
+from core.vocabulary import IntentStatus, SettleOutcome, TimelineEvent
 
 
 class PaymentIntentInput(BaseModel):
@@ -133,8 +134,8 @@ class PaymentActivities:
         """Mark the order paid if, and only if, Stripe says its PaymentIntent succeeded for the
         order's amount and currency. Stripe's state decides, not a webhook's body."""
         intent = IntentOut.of(await self._stripe.retrieve_intent(input.payment_intent_id))
-        if intent.status != "succeeded":
-            return SettleResult(outcome="unpaid", intent=intent)
+        if intent.status != IntentStatus.SUCCEEDED:
+            return SettleResult(outcome=SettleOutcome.UNPAID, intent=intent)
         if (intent.amount, intent.currency) != (input.amount, input.currency):
             # Money taken that is not the order's price: give it back, never mark paid.
             refund = await self._stripe.refund(
@@ -144,7 +145,7 @@ class PaymentActivities:
             )
             await self._orders.record_event(
                 input.order_id,
-                "payment_mismatch_refunded",
+                TimelineEvent.PAYMENT_MISMATCH_REFUNDED,
                 {
                     "payment_intent_id": intent.payment_intent_id,
                     "amount": intent.amount,
@@ -155,7 +156,7 @@ class PaymentActivities:
                 },
                 f"{input.order_id}:mismatch:{intent.payment_intent_id}",
             )
-            return SettleResult(outcome="mismatch", intent=intent)
+            return SettleResult(outcome=SettleOutcome.MISMATCH, intent=intent)
         status = await self._orders.mark_paid(
             input.checkout_id,
             input.order_id,

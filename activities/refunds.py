@@ -9,6 +9,7 @@ from temporalio import activity
 
 from core.orders import PAID, PENDING, REFUNDED, OrderStore
 from core.stripe_gateway import StripeGateway
+from core.vocabulary import IntentStatus, LatePaymentOutcome
 
 
 class RefundOrderInput(BaseModel):
@@ -63,10 +64,10 @@ class RefundActivities:
         # A pending order's checkout never closed (its run was terminated or lost): the payment
         # is not late, and the reconciler pays the order once its window ends.
         if status in (PAID, REFUNDED, PENDING):
-            return LatePaymentResult(outcome="kept")
+            return LatePaymentResult(outcome=LatePaymentOutcome.KEPT)
         intent = await self._stripe.retrieve_intent(input.payment_intent_id)
-        if intent.status != "succeeded":
-            return LatePaymentResult(outcome="none")
+        if intent.status != IntentStatus.SUCCEEDED:
+            return LatePaymentResult(outcome=LatePaymentOutcome.NONE)
         refund = await self._stripe.refund(
             intent.id,
             idempotency_key=f"{intent.id}:late-refund",
@@ -75,4 +76,4 @@ class RefundActivities:
         await self._orders.record_late_refund(
             input.order_id, intent_id=intent.id, amount=refund.amount, refund_id=refund.id
         )
-        return LatePaymentResult(outcome="refunded", refund_id=refund.id)
+        return LatePaymentResult(outcome=LatePaymentOutcome.REFUNDED, refund_id=refund.id)

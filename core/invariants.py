@@ -23,6 +23,7 @@ from sqlalchemy import text
 from core.db import SessionFactory, create_engine, create_session_factory
 from core.settings import load_settings
 from core.stripe_gateway import StripeGateway, create_gateway
+from core.vocabulary import IntentStatus
 
 _RESERVED_MATCHES_ACTIVE = text(
     """
@@ -112,7 +113,7 @@ async def check(sessions: SessionFactory, stripe: StripeGateway | None = None) -
         # means money kept without a sale.
         for row in unpaid:
             intent = await stripe.retrieve_intent(row.payment_intent_id)
-            if intent.status == "succeeded" and intent.amount_refunded < intent.amount:
+            if intent.status == IntentStatus.SUCCEEDED and intent.amount_refunded < intent.amount:
                 found.append(
                     Violation(
                         "succeeded_intent_on_unpaid_order",

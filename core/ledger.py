@@ -18,11 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import SessionFactory
 from core.errors import InsufficientStock, InvalidState, NotFound, UnknownSku
+from core.vocabulary import ReservationStatus
 
-ACTIVE = "active"
-COMMITTED = "committed"
-RELEASED = "released"
-RETURNED = "returned"
+ACTIVE = ReservationStatus.ACTIVE
+COMMITTED = ReservationStatus.COMMITTED
+RELEASED = ReservationStatus.RELEASED
+RETURNED = ReservationStatus.RETURNED
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ class StockLedger:
     async def _commit(self, session: AsyncSession, checkout_id: uuid.UUID) -> ReservationResult:
         result = await self._move(session, checkout_id, _COMMIT)
         if result.status != COMMITTED:
-            raise _not_in(result, "active")
+            raise _not_in(result, ACTIVE)
         return result
 
     async def release(

@@ -448,14 +448,18 @@ class OrderStore:
             data = {"amount_refunded": refunded_amount, "source": source, "reference": reference}
             if not full:
                 await add_event(
-                    session, order_id, "partially_refunded", data, f"{order_id}:refund:{reference}"
+                    session,
+                    order_id,
+                    TimelineEvent.PARTIALLY_REFUNDED,
+                    data,
+                    f"{order_id}:refund:{reference}",
                 )
                 return order.status
             if order.status == PAID:
                 await self._ledger.restock(order.checkout_id, session=session)
                 order.status = REFUNDED
                 assert payment is not None
-                payment.status = "refunded"
+                payment.status = REFUNDED
                 await add_outbox(
                     session,
                     "order.refunded",
@@ -464,7 +468,9 @@ class OrderStore:
                     f"{order_id}:order.refunded",
                 )
             if order.status == REFUNDED:
-                await add_event(session, order_id, REFUNDED, data, f"{order_id}:refunded")
+                await add_event(
+                    session, order_id, TimelineEvent.REFUNDED, data, f"{order_id}:refunded"
+                )
             return order.status
 
     async def record_late_refund(
@@ -475,12 +481,12 @@ class OrderStore:
             await session.execute(
                 update(Payment)
                 .where(Payment.payment_intent_id == intent_id)
-                .values(status="refunded", amount_refunded=amount)
+                .values(status=REFUNDED, amount_refunded=amount)
             )
             await add_event(
                 session,
                 order_id,
-                "late_payment_refunded",
+                TimelineEvent.LATE_PAYMENT_REFUNDED,
                 {"payment_intent_id": intent_id, "amount": amount, "refund_id": refund_id},
                 f"{order_id}:late-refund:{intent_id}",
             )

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from core.workflow_ids import checkout_workflow_id
 from tests.e2e.stack import DECLINED_CARD, Stack
 
 pytestmark = pytest.mark.e2e
@@ -136,7 +137,7 @@ async def test_checkout_then_card_payment_marks_the_order_paid_and_commits_stock
         if found:
             break
         await asyncio.sleep(0.1)
-    assert found == [f"checkout-{created['checkout_id']}"]
+    assert found == [checkout_workflow_id(created["checkout_id"])]
 
 
 async def test_a_declined_card_is_recorded_and_another_card_pays(stack: Stack) -> None:

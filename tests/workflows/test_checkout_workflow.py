@@ -23,6 +23,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from core.errors import ErrorCode
+from core.workflow_ids import checkout_workflow_id
 from tests.workflows.conftest import save_history
 from tests.workflows.fakes import FakeWorld
 from workflows.checkout import CHECKOUT_STATUS, ORDER_ID, CheckoutWorkflow, start_search_attributes
@@ -113,7 +114,7 @@ async def open_checkout(
     operation = WithStartWorkflowOperation(
         CheckoutWorkflow.run,
         input,
-        id=f"checkout-{input.checkout_id}",
+        id=checkout_workflow_id(input.checkout_id),
         task_queue=task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         search_attributes=start_search_attributes(input),
@@ -136,7 +137,7 @@ async def open_checkout(
     # depends on the order in which it reads temporalio's modules (it failed once a benchmark
     # module importing the client and worker was added).
     handle: WorkflowHandle[CheckoutWorkflow, CheckoutState] = client.get_workflow_handle(
-        f"checkout-{input.checkout_id}", result_type=CheckoutState
+        checkout_workflow_id(input.checkout_id), result_type=CheckoutState
     )
     return Checkout(handle, start, input)
 

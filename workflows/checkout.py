@@ -151,6 +151,11 @@ class CheckoutWorkflow:
         try:
             if await self._open():
                 await self._settle()
+        except GeneratorExit:
+            # Not a failure: the coroutine of a run that a worker dropped from its cache (at
+            # shutdown, say) is being closed by the garbage collector, outside the workflow's
+            # event loop, where no compensation can run. The run goes on from its history.
+            raise
         except BaseException:
             # Failure or cancellation of the workflow itself: undo whatever was done.
             await self._compensate(CANCELLED, "checkout workflow failed or was cancelled")

@@ -27,7 +27,7 @@ from core.settings import Settings, load_settings
 from core.stripe_gateway import StripeGateway, create_gateway
 from core.temporal import connect
 from workflows.checkout import CheckoutWorkflow
-from workflows.reconciler import ReconcilerWorkflow
+from workflows.reconciler import CancelLostCheckoutWorkflow, ReconcilerWorkflow
 from workflows.refund import LatePaymentWorkflow, RefundWorkflow
 
 log = logging.getLogger("worker")
@@ -50,7 +50,13 @@ def build_worker(
     return Worker(
         client,
         task_queue=settings.temporal_task_queue,
-        workflows=[CheckoutWorkflow, RefundWorkflow, LatePaymentWorkflow, ReconcilerWorkflow],
+        workflows=[
+            CheckoutWorkflow,
+            RefundWorkflow,
+            LatePaymentWorkflow,
+            ReconcilerWorkflow,
+            CancelLostCheckoutWorkflow,
+        ],
         activities=[
             order_activities.open_order,
             order_activities.close_order,

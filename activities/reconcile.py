@@ -74,6 +74,8 @@ class StaleCheckouts(BaseModel):
 
 class SettleStaleCheckoutInput(BaseModel):
     checkout: StaleCheckout
+    # `cancelled` when its customer cancels it (POST /orders/{id}/cancel) with its run gone.
+    close_as: OrderStatus = OrderStatus.EXPIRED
 
 
 class SettledCheckout(BaseModel):
@@ -127,8 +129,10 @@ class ReconcileActivities:
         """Settle one checkout as its saga would at the end of its window; idempotent."""
         checkout = input.checkout
         # Asked again: a reset since the checkout was found gives it a running saga again.
-        if await self._closed_status(checkout.checkout_id) is None:
+        workflow_status = await self._closed_status(checkout.checkout_id)
+        if workflow_status is None:
             return self._done(checkout, ReconcileOutcome.SKIPPED, "its workflow is running")
+        checkout = checkout.model_copy(update={"workflow_status": workflow_status})
         if await self._orders.status(checkout.order_id) != OrderStatus.PENDING_PAYMENT:
             return self._done(checkout, ReconcileOutcome.SKIPPED, "the order was settled meanwhile")
 
@@ -166,22 +170,26 @@ class ReconcileActivities:
             # The money went back (refunded as a mismatch, or refunded already): expire.
             payment_status = PAYMENT_REFUNDED
 
+        cancelling = input.close_as == OrderStatus.CANCELLED
+        outcome = ReconcileOutcome.CANCELLED if cancelling else ReconcileOutcome.EXPIRED
         closed = await self._orders.close(
             checkout.checkout_id,
             checkout.order_id,
-            status=OrderStatus.EXPIRED,
-            reason=f"payment window ended; {_why(checkout.workflow_status)}",
+            status=input.close_as,
+            reason=(
+                f"cancel requested; {_why(checkout.workflow_status)}"
+                if cancelling
+                else f"payment window ended; {_why(checkout.workflow_status)}"
+            ),
             intent_status=payment_status,
             # In the closing transaction, so a settled order always says who settled it.
-            timeline=(
-                (TimelineEvent.RECONCILED, _entry(checkout, ReconcileOutcome.EXPIRED, status)),
-            ),
+            timeline=((TimelineEvent.RECONCILED, _entry(checkout, outcome, status)),),
         )
-        if closed != OrderStatus.EXPIRED:
+        if closed != input.close_as:
             return self._done(
                 checkout, ReconcileOutcome.SKIPPED, f"the order became {closed} meanwhile"
             )
-        return await self._reconciled(checkout, ReconcileOutcome.EXPIRED, status)
+        return await self._reconciled(checkout, outcome, status)
 
     async def _pay(self, checkout: StaleCheckout, intent_id: str) -> str:
         """The saga's own `settle_payment` (Stripe's amount and currency must be the order's),

@@ -142,6 +142,8 @@ class ReconcileOutcome(StrEnum):
 
     PAID = "paid"
     EXPIRED = "expired"
+    # Cancelled at the customer's request while its run was gone.
+    CANCELLED = "cancelled"
     # Left for a later run: its workflow runs again, its payment is in flight, or it was
     # settled meanwhile.
     SKIPPED = "skipped"

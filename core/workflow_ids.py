@@ -26,5 +26,9 @@ def late_payment_workflow_id(payment_intent_id: str) -> str:
     return f"late-payment-{payment_intent_id}"
 
 
+def lost_checkout_cancel_workflow_id(order_id: uuid.UUID | str) -> str:
+    return f"cancel-{order_id}"
+
+
 def reconciler_workflow_id() -> str:
     return f"{RECONCILER_SCHEDULE_ID}-run"

@@ -37,6 +37,10 @@ from core.models import Base
 from core.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Deleting a closed run waits until the server has persisted that its close was processed,
+# which it does every 30 s by default: tests that delete runs would wait that long. Temporal's
+# own test suite sets 1 s as well.
+TEST_SERVER_ARGS = ["--dynamic-config-value", 'history.transferProcessorUpdateAckInterval="1s"']
 TABLES = ", ".join(table.name for table in reversed(Base.metadata.sorted_tables))
 
 
@@ -147,7 +151,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_cli(),
         data_converter=pydantic_data_converter,
-        dev_server_extra_args=[*search_attribute_args(), *PERFORMANCE_ARGS],
+        dev_server_extra_args=[*search_attribute_args(), *PERFORMANCE_ARGS, *TEST_SERVER_ARGS],
     )
     yield env
     await env.shutdown()

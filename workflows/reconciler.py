@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.reconcile import (
         FindStaleCheckoutsInput,
         ReconcileActivities,
+        SettledCheckout,
         SettleStaleCheckoutInput,
         StaleCheckout,
     )
@@ -104,3 +105,23 @@ class ReconcilerWorkflow:
             )
             return None
         return settled.outcome
+
+
+@workflow.defn
+class CancelLostCheckoutWorkflow:
+    """`cancel-{order_id}`: the customer cancels a pending order whose checkout's run is gone
+    (terminated, or its history deleted). Settles it as the saga would on cancel: the payment
+    wins if Stripe says it succeeded; else the PaymentIntent is cancelled, the stock released
+    and the order cancelled. The customer waits for the answer, so retries are bounded."""
+
+    @workflow.run
+    async def run(self, input: SettleStaleCheckoutInput) -> SettledCheckout:
+        checkout = input.checkout
+        return await workflow.execute_activity_method(
+            ReconcileActivities.settle_stale_checkout,
+            input,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RETRY,
+            summary=f"cancel order {checkout.order_id}: its checkout's run is gone; the payment "
+            "wins if Stripe says it succeeded",
+        )

@@ -17,6 +17,7 @@ from typing import Any
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
+    WorkflowFailureError,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
@@ -25,6 +26,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.reconcile import SettleStaleCheckoutInput, StaleCheckout
 from api.access import OrderAccess
 from api.auth import Caller, CallerKind
 from api.client_address import rate_limit_identity
@@ -33,13 +35,17 @@ from api.schemas import CheckoutIn
 from core.checkout_keys import CheckoutKeyStore, KeyClaim, RecordedCheckout
 from core.customers import customer_scope
 from core.errors import ErrorCode, Forbidden, InvalidState, NotFound, ServiceError, Unavailable
-from core.orders import OrderStore
+from core.orders import OrderStore, OrderView
 from core.sealing import Sealer
 from core.settings import Settings
 from core.stripe_gateway import StripeGateway
 from core.temporal import retry_while_busy
 from core.vocabulary import CheckoutStatus, OrderStatus
-from core.workflow_ids import checkout_workflow_id, start_update_id
+from core.workflow_ids import (
+    checkout_workflow_id,
+    lost_checkout_cancel_workflow_id,
+    start_update_id,
+)
 from workflows.checkout import CheckoutWorkflow, start_search_attributes
 from workflows.models import (
     CartItem,
@@ -52,6 +58,7 @@ from workflows.models import (
     StartResult,
     Totals,
 )
+from workflows.reconciler import CancelLostCheckoutWorkflow
 
 log = logging.getLogger(__name__)
 
@@ -315,8 +322,10 @@ class CheckoutService:
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise temporal_unavailable(exc) from exc
-            # The checkout finished meanwhile (or its run is gone): the order says how.
+            # The checkout finished meanwhile, or its run is gone (terminated, deleted).
             result_status = await self._orders.status(order_id)
+            if result_status == OrderStatus.PENDING_PAYMENT:
+                result_status = await self._cancel_lost(view)
             if result_status != OrderStatus.CANCELLED:
                 raise InvalidState(
                     f"the order is {result_status}", details={"status": result_status}
@@ -325,3 +334,34 @@ class CheckoutService:
         if result.status != CheckoutStatus.CANCELLED:
             raise InvalidState(f"the order is {result.status}", details={"status": result.status})
         return OrderStatus.CANCELLED
+
+    async def _cancel_lost(self, view: OrderView) -> str:
+        """Cancel a pending order whose checkout has no run any more, as the saga would (the
+        reconciler's own settling step, as a workflow of its own); returns the order's status."""
+        order = view.order
+        checkout = StaleCheckout(
+            checkout_id=order.checkout_id,
+            order_id=order.id,
+            amount=order.total,
+            currency=order.currency,
+            payment_intent_id=view.payment.payment_intent_id if view.payment else None,
+            expires_at=order.expires_at or order.created_at,
+            workflow_status="NOT_FOUND",
+        )
+        try:
+            await self._client.execute_workflow(
+                CancelLostCheckoutWorkflow.run,
+                SettleStaleCheckoutInput(checkout=checkout, close_as=OrderStatus.CANCELLED),
+                id=lost_checkout_cancel_workflow_id(order.id),
+                task_queue=self._task_queue,
+                # Concurrent cancels wait for the same one.
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                static_summary=f"Cancel of order {order.id}, whose checkout's run is gone",
+            )
+        except WorkflowAlreadyStartedError:
+            pass
+        except WorkflowFailureError as exc:
+            raise Unavailable("the order could not be cancelled now; try again") from exc
+        except RPCError as exc:
+            raise temporal_unavailable(exc) from exc
+        return await self._orders.status(order.id)

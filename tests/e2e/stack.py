@@ -23,6 +23,10 @@ import uvicorn
 from aiohttp import web
 from fastapi import FastAPI
 from pydantic import SecretStr
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
+from temporalio.client import WorkflowHandle, WorkflowHistory
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.app import create_app
 from api.deps import Services
@@ -30,6 +34,7 @@ from core.db import create_engine, create_session_factory
 from core.settings import Settings
 from core.stripe_gateway import create_gateway
 from core.temporal import connect
+from core.workflow_ids import checkout_workflow_id
 from tests.conftest import PROJECT_ROOT, free_port
 from worker import build_worker
 
@@ -69,14 +74,24 @@ class StripeStandIn:
         return response.json()  # type: ignore[no-any-return]
 
     async def intents(self) -> list[dict[str, Any]]:
-        response = await self.http.get("/v1/payment_intents", params={"limit": 100})
-        response.raise_for_status()
-        return response.json()["data"]  # type: ignore[no-any-return]
+        """Every PaymentIntent the stand-in holds (all tests' of this stack, oldest first)."""
+        return await self._all("/v1/payment_intents", {})
 
     async def events(self, type: str) -> list[dict[str, Any]]:
-        response = await self.http.get("/v1/events", params={"type": type, "limit": 100})
-        response.raise_for_status()
-        return response.json()["data"]  # type: ignore[no-any-return]
+        return await self._all("/v1/events", {"type": type})
+
+    async def _all(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        # The stand-in lists oldest first, at most 100 a page: a stack that has served more
+        # than 100 of them would otherwise hide the newest, those of the running test.
+        found: list[dict[str, Any]] = []
+        while True:
+            after = {"starting_after": found[-1]["id"]} if found else {}
+            response = await self.http.get(path, params={**params, "limit": 100, **after})
+            response.raise_for_status()
+            page = response.json()
+            found += page["data"]
+            if not page["has_more"] or not page["data"]:
+                return found
 
 
 class FaultyStripe:
@@ -157,6 +172,34 @@ class Stack:
         }
         return await self.api.post("/webhooks/stripe", content=payload, headers=headers)
 
+    def run_of(self, checkout_id: str) -> WorkflowHandle[Any, Any]:
+        """The checkout's workflow, as an operator reaches it in Temporal."""
+        return self.services.temporal.get_workflow_handle(checkout_workflow_id(checkout_id))
+
+    async def history(self, checkout_id: str) -> WorkflowHistory:
+        return await self.run_of(checkout_id).fetch_history()
+
+    async def delete_run(self, checkout_id: str, timeout: float = 30) -> None:
+        """What `temporal workflow delete` does: the run (terminated first if it still runs)
+        and its history are gone. Returns once Temporal no longer knows the workflow."""
+        client = self.services.temporal
+        await client.workflow_service.delete_workflow_execution(
+            DeleteWorkflowExecutionRequest(
+                namespace=client.namespace,
+                workflow_execution=WorkflowExecution(workflow_id=checkout_workflow_id(checkout_id)),
+            )
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.run_of(checkout_id).describe()
+            except RPCError as exc:
+                if exc.status == RPCStatusCode.NOT_FOUND:
+                    return
+                raise
+            assert time.monotonic() < deadline, f"checkout {checkout_id}'s run was not deleted"
+            await asyncio.sleep(0.1)
+
     async def wait_for_order(
         self, order_id: str, status: str, timeout: float = 20
     ) -> dict[str, Any]:
@@ -181,6 +224,9 @@ def stack_settings(settings: Settings, name: str, temporal_address: str, **more:
             # (the tests of the limits themselves set their own).
             "rate_limit_checkouts": "1000000/minute",
             "max_pending_checkouts": 1_000_000,
+            # The contract's reconciler (checkouts whose run was lost) at a pace tests can wait
+            # for.
+            "reconcile_interval": 5,
             **more,
         }
     )

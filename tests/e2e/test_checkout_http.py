@@ -313,6 +313,11 @@ async def test_idempotency_key_replays_the_same_checkout_even_concurrently(stack
             for table in ("orders", "reservations")
         ]
     assert counts == [1, 1]
+    # In Temporal too: the duplicates attached to the one `start` update instead of adding theirs.
+    events = (await stack.history(checkout_id)).events
+    assert (
+        sum(e.HasField("workflow_execution_update_accepted_event_attributes") for e in events) == 1
+    )
     reused = await stack.api.post(
         "/checkout", json=cart(("MUG", 3)), headers={"Idempotency-Key": key}
     )

@@ -68,6 +68,7 @@ def build_worker(
             refunds.refund_late_payment,
             reconcile.find_stale_checkouts,
             reconcile.settle_stale_checkout,
+            reconcile.forget_expired_keys,
         ],
         graceful_shutdown_timeout=timedelta(seconds=10),
         interceptors=interceptors,

@@ -115,6 +115,24 @@ class CheckoutKeyStore:
     def __init__(self, sessions: SessionFactory) -> None:
         self._sessions = sessions
 
+    async def find(self, scope: str, key: str) -> tuple[KeyClaim, RecordedCheckout | None] | None:
+        """The live claim of `key` in `scope`, and what its checkout recorded once it has
+        opened with its PaymentIntent; None if nobody holds the key."""
+        async with self._sessions() as session:
+            await autocommit(session)
+            return await self._find(session, scope, key)
+
+    @staticmethod
+    async def _find(
+        session: AsyncSession, scope: str, key: str
+    ) -> tuple[KeyClaim, RecordedCheckout | None] | None:
+        row = (await session.execute(_RECORDED, {"scope": scope, "key": key})).one_or_none()
+        if row is None:
+            return None
+        return KeyClaim(row.checkout_id, row.order_id, row.fingerprint, claimed=False), _recorded(
+            row
+        )
+
     async def claim(
         self, scope: str, key: str, fingerprint: str, *, ttl_seconds: int
     ) -> tuple[KeyClaim, RecordedCheckout | None]:
@@ -141,10 +159,9 @@ class CheckoutKeyStore:
                 new = (await session.execute(_CLAIM, params)).one_or_none()
                 if new is not None:
                     return KeyClaim(checkout_id, order_id, fingerprint, claimed=True), None
-                row = (await session.execute(_RECORDED, {"scope": scope, "key": key})).one_or_none()
-                if row is not None:
-                    claim = KeyClaim(row.checkout_id, row.order_id, row.fingerprint, claimed=False)
-                    return claim, _recorded(row)
+                found = await self._find(session, scope, key)
+                if found is not None:
+                    return found
         raise RuntimeError(f"could not claim or read Idempotency-Key in {scope}")
 
     @staticmethod

@@ -139,23 +139,39 @@ class CheckoutService:
     async def start(
         self, body: CheckoutIn, idempotency_key: str | None, caller: Caller, address: str
     ) -> tuple[CheckoutCreated, bool]:
-        """Start (or rejoin) the checkout; returns it and whether this request created it."""
+        """Start (or rejoin) the checkout; returns it and whether this request created it.
+
+        A request that would start a new checkout counts against the rate limits of its client
+        address and its customer; a duplicate of a live key does not (it reserves nothing, and
+        a client may retry any number of times). Admin, a trusted backend, is not limited.
+        """
         user_id = owner_of(body, caller)
         scope = customer_scope(user_id, body.customer.email)
-        if caller.kind != CallerKind.ADMIN:
-            # Admin is a trusted backend (support, a shop's server): not rate limited.
-            await self.limiter.hit(rate_limit_identity(address), f"customer:{scope}")
         customer = Customer(email=body.customer.email, user_id=user_id)
         request_fingerprint = fingerprint(body)
+        limited = caller.kind == CallerKind.ADMIN
+
+        async def rate_limit() -> None:
+            nonlocal limited
+            if not limited:
+                limited = True
+                await self.limiter.hit(rate_limit_identity(address), f"customer:{scope}")
+
         if not idempotency_key:
+            await rate_limit()
             claim = KeyClaim(uuid.uuid4(), uuid.uuid4(), request_fingerprint, claimed=True)
             result = await self._start_attempt(body, customer, claim)
             return self._created(result), True
 
         for _ in range(MAX_ATTEMPTS_PER_REQUEST):
-            claim, recorded = await self._keys.claim(
-                scope, idempotency_key, request_fingerprint, ttl_seconds=self.key_ttl_seconds
-            )
+            found = await self._keys.find(scope, idempotency_key)
+            if found is None:
+                # Counted before the key is claimed: a refused request leaves no claim behind.
+                await rate_limit()
+                found = await self._keys.claim(
+                    scope, idempotency_key, request_fingerprint, ttl_seconds=self.key_ttl_seconds
+                )
+            claim, recorded = found
             if claim.fingerprint != request_fingerprint:
                 raise ServiceError(
                     "this Idempotency-Key was used with a different request body",

@@ -66,11 +66,28 @@ async def test_a_burst_from_one_address_is_rate_limited_with_retry_after(limited
         headers={"X-Forwarded-For": "198.51.100.77"},
     )
     assert_refused(spoofed, 429, "rate_limited")
+    # Retries of a checkout already made are not new checkouts: never limited.
+    key = "retry-me-" + str(time.monotonic_ns())
+    admin_made = await limited.api.post(
+        "/checkout",
+        json=cart(("MUG", 1), email="retry@example.com"),
+        headers={"Idempotency-Key": key, **ADMIN},
+    )
+    assert admin_made.status_code == 201
+    for _ in range(10):
+        retry = await limited.api.post(
+            "/checkout",
+            json=cart(("MUG", 1), email="retry@example.com"),
+            headers={"Idempotency-Key": key},
+        )
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["order_id"] == admin_made.json()["order_id"]
     # The admin token is a trusted backend: not rate limited.
     admin = await limited.api.post(
         "/checkout", json=cart(("MUG", 1), email="ops@example.com"), headers=ADMIN
     )
     assert admin.status_code == 201
+    assert await orders_count(limited) == 5
 
 
 @pytest.fixture

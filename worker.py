@@ -88,6 +88,9 @@ def workflow_runner(settings: Settings) -> WorkflowRunner:
 
 async def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The Stripe SDK logs every request and response at INFO: about 5 % of the worker's CPU
+    # under load (py-spy, `make bench`), and nothing an operator needs (errors still show).
+    logging.getLogger("stripe").setLevel(logging.WARNING)
     settings = load_settings()
     engine = create_engine(settings)
     client = await connect(settings)

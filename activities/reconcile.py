@@ -46,6 +46,8 @@ CLOSED = frozenset(
     }
 )
 NOT_FOUND = "NOT_FOUND"
+# Pages of `limit` checkouts looked at per run, at most (the rest wait for the next run).
+MAX_PAGES = 10
 # Our copy of the payment's status when its money went back (as `record_late_refund` writes).
 PAYMENT_REFUNDED = "refunded"
 
@@ -108,15 +110,33 @@ class ReconcileActivities:
 
     @activity.defn(name="find_stale_checkouts")
     async def find_stale_checkouts(self, input: FindStaleCheckoutsInput) -> StaleCheckouts:
-        """Pending checkouts past their payment window whose workflow no longer runs."""
-        expired = await self._store.expired_pending(input.limit)
-        statuses = await asyncio.gather(*(self._closed_status(e.checkout_id) for e in expired))
-        stale = [
-            _stale(checkout, status)
-            for checkout, status in zip(expired, statuses, strict=True)
-            if status is not None
-        ]
-        return StaleCheckouts(checkouts=stale, running=len(expired) - len(stale))
+        """Pending checkouts past their payment window whose workflow no longer runs, up to
+        `limit`. Pages past the ones whose workflow still runs (a stuck one, say), so that
+        however many there are they never hide the stale ones behind them."""
+        stale: list[StaleCheckout] = []
+        running = 0
+        after: ExpiredCheckout | None = None
+        for _ in range(MAX_PAGES):
+            expired = await self._store.expired_pending(input.limit, after=after)
+            statuses = await asyncio.gather(*(self._closed_status(e.checkout_id) for e in expired))
+            for checkout, status in zip(expired, statuses, strict=True):
+                if status is None:
+                    running += 1
+                elif len(stale) < input.limit:
+                    stale.append(_stale(checkout, status))
+            if len(expired) < input.limit or len(stale) >= input.limit:
+                break
+            after = expired[-1]
+            activity.heartbeat(len(stale))
+        if running:
+            # Past their window and still running: waiting out Stripe's `processing`, or stuck
+            # (a workflow task failing on a bug). The saga owns them; an operator should look.
+            activity.logger.warning(
+                "reconciler: %d checkout(s) past their payment window still have a running "
+                "workflow",
+                running,
+            )
+        return StaleCheckouts(checkouts=stale, running=running)
 
     @activity.defn(name="forget_expired_keys")
     async def forget_expired_keys(self) -> int:
@@ -189,7 +209,8 @@ class ReconcileActivities:
             return self._done(
                 checkout, ReconcileOutcome.SKIPPED, f"the order became {closed} meanwhile"
             )
-        return await self._reconciled(checkout, outcome, status)
+        # Its `reconciled` entry was written by the closing transaction.
+        return self._done(checkout, outcome, _why(checkout.workflow_status), status)
 
     async def _pay(self, checkout: StaleCheckout, intent_id: str) -> str:
         """The saga's own `settle_payment` (Stripe's amount and currency must be the order's),
@@ -211,7 +232,7 @@ class ReconcileActivities:
     async def _reconciled(
         self, checkout: StaleCheckout, outcome: ReconcileOutcome, intent_status: str
     ) -> SettledCheckout:
-        """Say on the order's timeline, once, that the reconciler settled it and why."""
+        """Say on the order's timeline, once, that the reconciler paid it and why."""
         await self._orders.record_event(
             checkout.order_id,
             TimelineEvent.RECONCILED,

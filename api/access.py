@@ -37,10 +37,7 @@ class OrderAccess:
     async def order(self, order_id: uuid.UUID, caller: Caller) -> OrderView:
         """The order with its items, payment and timeline, if the caller reaches it."""
         require_credential(caller)
-        view = await self._orders.get(order_id)
-        if not reaches(caller, view.order):
-            raise NotFound(f"no order {order_id}", details={"order_id": str(order_id)})
-        return view
+        return await self._orders.get(order_id, visible=lambda order: reaches(caller, order))
 
     async def checkout_order(self, checkout_id: uuid.UUID, caller: Caller) -> Order | None:
         """The order a checkout opened, if the caller reaches it. Admin also reaches checkouts

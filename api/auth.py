@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from api.schemas import storable
-from core.errors import Forbidden, Unauthorized
+from core.errors import Forbidden, Unauthorized, Unavailable
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,17 @@ _JWT_REASONS: dict[type[jwt.PyJWTError], str] = {
     jwt.InvalidIssuerError: "customer token is from another issuer",
     jwt.InvalidSignatureError: "customer token is badly signed",
 }
+
+
+def _fetched_before(jwks: jwt.PyJWKClient, token: str) -> jwt.PyJWK:
+    """The token's key from the last key set fetched, however old; else 503 `unavailable`."""
+    stored = jwks.jwk_set_cache.jwk_set_with_timestamp if jwks.jwk_set_cache else None
+    if stored is not None:
+        kid = jwt.get_unverified_header(token).get("kid")
+        for key in stored.get_jwk_set().keys:
+            if key.key_id == kid:
+                return key
+    raise Unavailable(JWKS_UNAVAILABLE)
 
 
 class CallerKind(StrEnum):
@@ -227,9 +238,13 @@ class Authenticator:
         return Caller(CallerKind.CUSTOMER, user_id=sub, email=email or None)
 
     async def _jwks_key(self, jwks: jwt.PyJWKClient, token: str) -> jwt.PyJWK:
-        """The JWKS key the token's `kid` names; the fetch is blocking urllib, so off the loop."""
+        """The JWKS key the token's `kid` names; the fetch is blocking urllib, so off the loop.
+
+        While the key set cannot be fetched, keys fetched before keep working (an identity
+        provider's outage must not sign every customer out), and a token whose key was never
+        fetched is 503 `unavailable`: the service, not the token, is at fault."""
         if time.monotonic() < self._jwks_down_until:
-            raise _refused("customer", JWKS_UNAVAILABLE)
+            return _fetched_before(jwks, token)
         try:
             return await asyncio.to_thread(jwks.get_signing_key_from_jwt, token)
         # Unreachable, an HTTP error, a timeout, or a body that is not JSON (PyJWT lets
@@ -237,7 +252,7 @@ class Authenticator:
         except (jwt.PyJWKClientConnectionError, OSError, ValueError) as exc:
             self._jwks_down_until = time.monotonic() + JWKS_RETRY_AFTER_SECONDS
             log.warning("fetching CUSTOMER_JWKS_URL failed (%s): %s", type(exc).__name__, exc)
-            raise Unauthorized(JWKS_UNAVAILABLE) from exc
+            return _fetched_before(jwks, token)
         except jwt.PyJWTError as exc:
             raise _refused(
                 "customer", "customer token's key (kid) is not in the key set at CUSTOMER_JWKS_URL"

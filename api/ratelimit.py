@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 # that takes longer is an outage, and a checkout waits at most _HIT_TIMEOUT for its limits.
 _REDIS_TIMEOUT = 0.25
 _HIT_TIMEOUT = 0.5
-# After Redis failed, checkouts go unlimited for this long before it is asked again, so an
-# outage costs each checkout nothing and the log one warning per interval, not one per request.
+# After Redis failed, checkouts are counted in this process only for this long before Redis is
+# asked again: an outage costs each checkout nothing and the log one warning per interval, and
+# the limits still hold per process (a flood that slows Redis down does not lift them).
 _REDIS_RETRY_INTERVAL = 5.0
 
 
@@ -59,39 +60,51 @@ class CheckoutLimiter:
                 connection_pool=self._pool,  # type: ignore[arg-type]
             )
         self._limiter = SlidingWindowCounterRateLimiter(storage)
+        # Per process, for while Redis cannot be asked.
+        self._fallback = (
+            self._limiter if redis_url is None else SlidingWindowCounterRateLimiter(MemoryStorage())
+        )
         self._redis_down_until = 0.0
 
     async def hit(self, *identities: str) -> None:
         """Count one checkout against each identity; RateLimited if any is over its limit.
-        Passes (and logs a warning) when Redis cannot be asked."""
+        While Redis cannot be asked, counts in this process instead (and logs a warning)."""
         if time.monotonic() < self._redis_down_until:
+            await self._hit(self._fallback, identities)
             return
         try:
             async with asyncio.timeout(_HIT_TIMEOUT):
-                await self._hit(identities)
+                await self._hit(self._limiter, identities)
         except (StorageError, TimeoutError) as exc:
-            # Fail open: a rate limiter that cannot count must not take checkout down with it.
+            # A rate limiter that cannot reach Redis must not take checkout down with it, nor
+            # stop limiting: the process's own counters stand in until Redis answers again.
             self._redis_down_until = time.monotonic() + _REDIS_RETRY_INTERVAL
             log.warning(
-                "rate limiter: Redis did not answer (%r); checkouts not rate limited for %.0f s",
+                "rate limiter: Redis did not answer (%r); counting in this process for %.0f s",
                 exc,
                 _REDIS_RETRY_INTERVAL,
             )
+            await self._hit(self._fallback, identities)
 
-    async def _hit(self, identities: tuple[str, ...]) -> None:
+    async def _hit(
+        self, limiter: SlidingWindowCounterRateLimiter, identities: tuple[str, ...]
+    ) -> None:
         pairs = [(item, identity) for item in self._items for identity in identities]
         # Test all before counting any, so that a checkout refused for one identity (say, its
         # customer) spends nothing of another's budget (its address, shared behind a NAT).
         # Concurrent checkouts can pass the test together; the hit is what decides.
         for item, identity in pairs:
-            if not await self._limiter.test(item, identity):
-                raise await self._refusal(item, identity)
+            if not await limiter.test(item, identity):
+                raise await self._refusal(limiter, item, identity)
         for item, identity in pairs:
-            if not await self._limiter.hit(item, identity):
-                raise await self._refusal(item, identity)
+            if not await limiter.hit(item, identity):
+                raise await self._refusal(limiter, item, identity)
 
-    async def _refusal(self, item: RateLimitItem, identity: str) -> RateLimited:
-        stats = await self._limiter.get_window_stats(item, identity)
+    @staticmethod
+    async def _refusal(
+        limiter: SlidingWindowCounterRateLimiter, item: RateLimitItem, identity: str
+    ) -> RateLimited:
+        stats = await limiter.get_window_stats(item, identity)
         wait = math.ceil(stats.reset_time - time.time())
         retry_after = max(1, min(wait, item.get_expiry()))
         return RateLimited(

@@ -2,16 +2,18 @@
 before its checkout's workflow starts, with the request's fingerprint and the (random) checkout
 and order ids it stands for, and kept until it expires.
 
-Concurrent duplicates meet on the claim (`INSERT ... ON CONFLICT`): one of them claims the key,
-the others read the claim and join the same workflow. A retry after the workflow's history is
-gone (retention, `temporal workflow delete`) is answered from the order and payment rows the
-checkout recorded, never by a second run. A key whose checkout was refused (nothing kept) is
-released in the transaction that closes it, so the client may try the key again.
+Concurrent duplicates meet on the claim: they take turns on an advisory lock of the key, the
+first claims it, the others read the claim and join the same workflow. A retry after the
+workflow's history is gone (retention, `temporal workflow delete`) is answered from the order
+and payment rows the checkout recorded, never by a second run. A key whose checkout was
+refused (nothing kept) is released in the transaction that closes it, so the client may try
+the key again.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.catalog import PricedLine
 from core.db import SessionFactory, autocommit
+from core.errors import Unavailable
 from core.models import CHECKOUT_KEYS
 
 
@@ -53,8 +56,11 @@ class RecordedCheckout:
     client_secret_sealed: str | None
 
 
-# The claim: a new key, or one whose time is up, takes this request's ids; a live one is kept
-# (and nothing comes back). Waits for a concurrent claimer of the same key to commit first.
+# Concurrent requests of one key take turns (transaction-scoped: released at commit).
+_LOCK_KEY = text("SELECT pg_advisory_xact_lock(hashtextextended(:scope || chr(31) || :key, 0))")
+
+# The claim: a new key, or one whose time is up, takes this request's ids; nothing comes back
+# if the key is live, or expired while its checkout still waits for payment.
 _CLAIM = text(
     """
     INSERT INTO checkout_keys (scope, key, fingerprint, checkout_id, order_id, expires_at)
@@ -63,7 +69,10 @@ _CLAIM = text(
     ON CONFLICT (scope, key) DO UPDATE SET
         fingerprint = excluded.fingerprint, checkout_id = excluded.checkout_id,
         order_id = excluded.order_id, created_at = now(), expires_at = excluded.expires_at
-    WHERE checkout_keys.expires_at <= now()
+    WHERE checkout_keys.expires_at <= now() AND NOT EXISTS (
+        SELECT 1 FROM orders
+        WHERE orders.checkout_id = checkout_keys.checkout_id AND status = 'pending_payment'
+    )
     RETURNING checkout_id, order_id
     """
 )
@@ -85,7 +94,9 @@ _RECORDED = text(
         SELECT payment_intent_id, status, client_secret_sealed FROM payments
         WHERE payments.order_id = o.id ORDER BY id DESC LIMIT 1
     ) p ON true
-    WHERE k.scope = :scope AND k.key = :key AND k.expires_at > now()
+    WHERE k.scope = :scope AND k.key = :key
+      -- A key outlives its TTL while its checkout still waits for payment.
+      AND (k.expires_at > now() OR o.status = 'pending_payment')
     """
 )
 
@@ -134,35 +145,58 @@ class CheckoutKeyStore:
         )
 
     async def claim(
-        self, scope: str, key: str, fingerprint: str, *, ttl_seconds: int
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        *,
+        ttl_seconds: int,
+        before_claiming: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[KeyClaim, RecordedCheckout | None]:
         """Claim `key` in `scope` for a new checkout, or find the checkout that holds it.
 
-        Returns the claim and, for a checkout that has opened and has its PaymentIntent, what
-        it recorded. The caller compares fingerprints: a claim is never changed by a request
-        with another body.
+        Runs under a transaction-scoped advisory lock on the key, so that concurrent requests
+        of one key take turns: the first finds nothing, calls `before_claiming` (the rate
+        limits: a refusal raises and leaves no claim behind) and claims the key; the others
+        then find its claim. Returns the claim and, for a checkout that has opened and has its
+        PaymentIntent, what it recorded. The caller compares fingerprints: a claim is never
+        changed by a request with another body.
         """
         checkout_id, order_id = uuid.uuid4(), uuid.uuid4()
-        params = {
-            "scope": scope,
-            "key": key,
-            "fingerprint": fingerprint,
-            "checkout_id": checkout_id,
-            "order_id": order_id,
-            "ttl": ttl_seconds,
-        }
-        async with self._sessions() as session:
-            # One statement each, atomic on its own: no BEGIN/COMMIT round trips.
-            await autocommit(session)
-            # Twice: a claim that expires between the INSERT and the SELECT is claimed anew.
-            for _ in range(2):
-                new = (await session.execute(_CLAIM, params)).one_or_none()
-                if new is not None:
-                    return KeyClaim(checkout_id, order_id, fingerprint, claimed=True), None
-                found = await self._find(session, scope, key)
-                if found is not None:
-                    return found
-        raise RuntimeError(f"could not claim or read Idempotency-Key in {scope}")
+        async with self._sessions.begin() as session:
+            await session.execute(_LOCK_KEY, {"scope": scope, "key": key})
+            # A statement of its own, after the lock: its snapshot sees the last holder's claim.
+            found = await self._find(session, scope, key)
+            if found is not None:
+                return found
+            if before_claiming is not None:
+                await before_claiming()
+            claimed = (
+                await session.execute(
+                    _CLAIM,
+                    {
+                        "scope": scope,
+                        "key": key,
+                        "fingerprint": fingerprint,
+                        "checkout_id": checkout_id,
+                        "order_id": order_id,
+                        "ttl": ttl_seconds,
+                    },
+                )
+            ).one_or_none()
+            if claimed is None:
+                # Held by an expired claim whose checkout still waits for payment (a payment
+                # window outlived the key): the key still stands for that checkout.
+                raise Unavailable(
+                    "this Idempotency-Key's checkout is still open; try again in a moment"
+                )
+        return KeyClaim(checkout_id, order_id, fingerprint, claimed=True), None
+
+    async def release_checkout(self, checkout_id: uuid.UUID) -> None:
+        """Free the key of a checkout that ended without answering (its run was terminated
+        before its order or PaymentIntent existed): its next request opens a new checkout."""
+        async with self._sessions.begin() as session:
+            await self.release(session, checkout_id)
 
     @staticmethod
     async def release(session: AsyncSession, checkout_id: uuid.UUID) -> None:

@@ -29,6 +29,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
         # A request waiting this long for a connection is better answered with 503.
         pool_timeout=10,
         connect_args={"connect_timeout": 5},
+        # Errors (logged, and carried in Temporal failures the UI shows) name the statement,
+        # never the customer data bound to it.
+        hide_parameters=True,
     )
 
 

@@ -86,7 +86,7 @@ class Order(Base):
     status: Mapped[str] = mapped_column(String(32))
     customer_email: Mapped[str] = mapped_column(String(320))
     customer_user_id: Mapped[str | None] = mapped_column(String(255))
-    # Whose order this is for idempotency keys and limits: see core.owners.customer_scope.
+    # Whose order this is for idempotency keys and limits: see core.customers.customer_scope.
     customer_scope: Mapped[str] = mapped_column(String(330))
     currency: Mapped[str] = mapped_column(String(3))
     subtotal: Mapped[int] = mapped_column(BigInteger)

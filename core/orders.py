@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -503,10 +503,14 @@ class OrderStore:
             ).one_or_none()
         return (row.id, row.status) if row else None
 
-    async def get(self, order_id: uuid.UUID) -> OrderView:
+    async def get(
+        self, order_id: uuid.UUID, *, visible: Callable[[Order], bool] | None = None
+    ) -> OrderView:
+        """The order with its items, payment and timeline. `NotFound` if there is none, or if
+        `visible` says the caller may not see it (checked before anything else is read)."""
         async with self._sessions() as session:
             order = await session.get(Order, order_id)
-            if order is None:
+            if order is None or (visible is not None and not visible(order)):
                 raise NotFound(f"no order {order_id}", details={"order_id": str(order_id)})
             items = list(
                 await session.scalars(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import text
 
@@ -32,6 +32,8 @@ _EXPIRED_PENDING = text(
     ) p ON true
     WHERE r.status = 'active' AND r.expires_at <= now()
     GROUP BY r.checkout_id, o.id, o.total, o.currency, p.payment_intent_id
+    -- Keyset paging: the caller pages past checkouts whose workflow still runs.
+    HAVING (min(r.expires_at), r.checkout_id) > (:after_expires_at, :after_checkout_id)
     ORDER BY min(r.expires_at), r.checkout_id
     LIMIT :limit
     """
@@ -52,10 +54,18 @@ class ReconciliationStore:
     def __init__(self, sessions: SessionFactory) -> None:
         self._sessions = sessions
 
-    async def expired_pending(self, limit: int) -> list[ExpiredCheckout]:
-        """Pending orders whose reservation's window has ended, oldest window first."""
+    async def expired_pending(
+        self, limit: int, *, after: ExpiredCheckout | None = None
+    ) -> list[ExpiredCheckout]:
+        """Pending orders whose reservation's window has ended, oldest window first, after
+        `after` (the last of the previous page)."""
+        params = {
+            "limit": limit,
+            "after_expires_at": after.expires_at if after else datetime.min.replace(tzinfo=UTC),
+            "after_checkout_id": after.checkout_id if after else uuid.UUID(int=0),
+        }
         async with self._sessions() as session:
-            rows = (await session.execute(_EXPIRED_PENDING, {"limit": limit})).all()
+            rows = (await session.execute(_EXPIRED_PENDING, params)).all()
         return [
             ExpiredCheckout(
                 checkout_id=row.checkout_id,

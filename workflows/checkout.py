@@ -133,7 +133,6 @@ class CheckoutWorkflow:
         self._status: str = CheckoutStatus.STARTED
         self._expires_at = workflow.now() + timedelta(seconds=input.payment_timeout_seconds)
         self._start: StartResult | None = None
-        self._starts_answered = 0
         self._inbox: list[PaymentEvent] = []
         self._seen_events: set[str] = set()
         self._attempts: list[PaymentAttempt] = []
@@ -473,11 +472,9 @@ class CheckoutWorkflow:
     @workflow.update
     async def start(self, request_fingerprint: str) -> StartResult:
         """Answers POST /checkout once the order and its PaymentIntent exist (or it failed)."""
-        first = self._starts_answered == 0
-        self._starts_answered += 1
         await workflow.wait_condition(lambda: self._start is not None)
         assert self._start is not None
-        return self._start.model_copy(update={"first": first})
+        return self._start
 
     @start.validator
     def _same_request(self, request_fingerprint: str) -> None:

@@ -87,7 +87,8 @@ class StartResult(BaseModel):
 
     created: CheckoutCreated | None = None
     failure: CheckoutFailure | None = None
-    # True for the request that started the checkout; duplicates get False.
+    # No longer set (the API knows which request claimed the Idempotency-Key); kept so that
+    # answers recorded in histories before still decode.
     first: bool = False
 
 

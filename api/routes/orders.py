@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from pydantic import AwareDatetime, TypeAdapter
 
 from api.auth import CallerKind
 from api.deps import AccessDep, CallerDep, CheckoutsDep, OrdersDep
@@ -128,13 +129,16 @@ def _encode(view: OrderView) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+_CURSOR = TypeAdapter(tuple[AwareDatetime, uuid.UUID])
+
+
 def _decode(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
     if cursor is None:
         return None
     try:
-        at, order_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(at), uuid.UUID(order_id)
-    except (ValueError, TypeError, binascii.Error) as exc:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        return _CURSOR.validate_json(raw)
+    except (ValueError, binascii.Error) as exc:  # pydantic's ValidationError is a ValueError
         raise ServiceError(
             "invalid cursor: pass next_cursor from the previous page",
             code=ErrorCode.VALIDATION_ERROR,

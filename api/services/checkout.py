@@ -14,9 +14,11 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import stripe
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
@@ -50,6 +52,7 @@ from workflows.checkout import CheckoutWorkflow, start_search_attributes
 from workflows.models import (
     CartItem,
     CheckoutCreated,
+    CheckoutFailure,
     CheckoutInput,
     CheckoutState,
     Customer,
@@ -70,13 +73,16 @@ CHECKOUT_ANSWER_TIMEOUT = 30.0
 MAX_ATTEMPTS_PER_REQUEST = 3
 
 
-def fingerprint(body: CheckoutIn) -> str:
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+def fingerprint(body: CheckoutIn, owner: str | None) -> str:
+    """sha256 of the request as resolved (the owner it checks out for), canonical JSON."""
+    request = body.model_dump(mode="json")
+    request["customer"]["user_id"] = owner
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def temporal_unavailable(exc: BaseException) -> Unavailable:
-    log.warning("temporal unavailable: %s", exc)
+    log.warning("temporal unavailable (%s): %s", type(exc).__name__, exc)
     return Unavailable("the checkout service cannot reach Temporal; try again")
 
 
@@ -148,13 +154,12 @@ class CheckoutService:
         user_id = owner_of(body, caller)
         scope = customer_scope(user_id, body.customer.email)
         customer = Customer(email=body.customer.email, user_id=user_id)
-        request_fingerprint = fingerprint(body)
-        limited = caller.kind == CallerKind.ADMIN
+        # Of the request as resolved: a customer's body with or without its own user_id is the
+        # same request.
+        request_fingerprint = fingerprint(body, user_id)
 
         async def rate_limit() -> None:
-            nonlocal limited
-            if not limited:
-                limited = True
+            if caller.kind != CallerKind.ADMIN:
                 await self.limiter.hit(rate_limit_identity(address), f"customer:{scope}")
 
         if not idempotency_key:
@@ -163,15 +168,23 @@ class CheckoutService:
             result = await self._start_attempt(body, customer, claim)
             return self._created(result), True
 
-        for _ in range(MAX_ATTEMPTS_PER_REQUEST):
-            found = await self._keys.find(scope, idempotency_key)
-            if found is None:
-                # Counted before the key is claimed: a refused request leaves no claim behind.
+        counted = False
+
+        async def count_once() -> None:
+            # A request that follows its key to a new attempt is still one request.
+            nonlocal counted
+            if not counted:
+                counted = True
                 await rate_limit()
-                found = await self._keys.claim(
-                    scope, idempotency_key, request_fingerprint, ttl_seconds=self.key_ttl_seconds
-                )
-            claim, recorded = found
+
+        for _ in range(MAX_ATTEMPTS_PER_REQUEST):
+            claim, recorded = await self._keys.claim(
+                scope,
+                idempotency_key,
+                request_fingerprint,
+                ttl_seconds=self.key_ttl_seconds,
+                before_claiming=count_once,
+            )
             if claim.fingerprint != request_fingerprint:
                 raise ServiceError(
                     "this Idempotency-Key was used with a different request body",
@@ -201,7 +214,14 @@ class CheckoutService:
         secret = self._sealer.unseal(recorded.client_secret_sealed)
         if secret is None:
             # Sealed under another SECRET_KEY (or before sealing existed): Stripe has it.
-            secret = (await self._stripe.retrieve_intent(recorded.payment_intent_id)).client_secret
+            try:
+                intent = await self._stripe.retrieve_intent(recorded.payment_intent_id)
+            except stripe.StripeError as exc:
+                log.warning("replay of checkout %s: Stripe: %s", recorded.checkout_id, exc)
+                raise Unavailable(
+                    "Stripe cannot be reached to answer this replay; try again"
+                ) from exc
+            secret = intent.client_secret
         return CheckoutCreated(
             checkout_id=recorded.checkout_id,
             order_id=recorded.order_id,
@@ -273,25 +293,59 @@ class CheckoutService:
                     )
                 )
         except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            refused = isinstance(cause, ApplicationError) and bool(cause.type)
+            # The update also fails when its run closes under it ("closed before
+            # WorkflowTaskStarted": terminated while opening).
+            if not refused and await self._closed(claim):
+                return await self._finished_start(claim)
             raise _update_error(exc) from exc
         except WorkflowAlreadyStartedError:
             # The checkout already ran to its end: answer from its final state.
             return await self._finished_start(claim)
         except RPCError as exc:
-            if exc.status != RPCStatusCode.ALREADY_EXISTS:
-                raise temporal_unavailable(exc) from exc
-            return await self._finished_start(claim)
+            # Besides "already started", a run that closed under the update ("aborted by
+            # closing workflow", "closed before WorkflowTaskStarted": terminated, say) answers
+            # with an error of its own kind; its final state tells the rest.
+            if exc.status == RPCStatusCode.ALREADY_EXISTS or await self._closed(claim):
+                return await self._finished_start(claim)
+            raise temporal_unavailable(exc) from exc
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as exc:
             # The checkout may still open later; the same key then answers with it, and if
             # nobody comes back for it, it expires and gives its stock back.
             raise temporal_unavailable(exc) from exc
         return result
 
+    async def _closed(self, claim: KeyClaim) -> bool:
+        """Whether the claim's run exists and has closed (False when that cannot be told)."""
+        handle = self._client.get_workflow_handle(checkout_workflow_id(claim.checkout_id))
+        try:
+            description = await handle.describe(rpc_timeout=timedelta(seconds=5))
+        except RPCError:
+            return False
+        return description.status not in (None, WorkflowExecutionStatus.RUNNING)
+
     async def _finished_start(self, claim: KeyClaim) -> StartResult:
-        state = await self._query(claim.checkout_id)
-        if state.start is None:
-            raise Unavailable("the checkout ended before it could answer; try again")
-        return state.start
+        """The answer of the claim's run, which has closed."""
+        try:
+            state: CheckoutState | None = await self._query(claim.checkout_id)
+        except ServiceError:
+            # Not queryable: its history is gone, or it closed before its first workflow task
+            # completed (terminated while opening).
+            state = None
+        if state is not None and state.start is not None:
+            return state.start
+        # The run closed without answering. It recorded no PaymentIntent (else the key's record
+        # would have answered), so nobody holds its client_secret: its key is freed (the
+        # reconciler settles its order, if it made one) and the request follows the key to a
+        # new checkout.
+        await self._keys.release_checkout(claim.checkout_id)
+        return StartResult(
+            failure=CheckoutFailure(
+                code=ErrorCode.UNAVAILABLE,
+                message="the checkout ended before it could answer; try again",
+            )
+        )
 
     async def _query(self, checkout_id: uuid.UUID) -> CheckoutState:
         handle = self._client.get_workflow_handle(checkout_workflow_id(checkout_id))

@@ -29,7 +29,7 @@ from api.auth import (
     Caller,
     CallerKind,
 )
-from core.errors import Forbidden, Unauthorized
+from core.errors import Forbidden, Unauthorized, Unavailable
 from core.settings import Settings
 from tests.conftest import free_port
 
@@ -440,9 +440,10 @@ async def test_asymmetric_tokens_are_refused_without_a_jwks(
 
 
 @pytest.mark.parametrize("where", ["down", "not-found", "not-json"])
-async def test_an_unreadable_jwks_is_unauthorized_and_logged(
+async def test_an_unreadable_jwks_is_unavailable_and_logged(
     jwks_base: str, keys: Keys, where: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The identity provider's fault, not the token's: 503, which clients retry, not 401."""
     url = {
         "down": f"http://127.0.0.1:{free_port()}/jwks.json",
         "not-found": f"{jwks_base}/nothing-here",
@@ -451,10 +452,42 @@ async def test_an_unreadable_jwks_is_unauthorized_and_logged(
     auth = Authenticator(make_settings(customer_jwks_url=url))
     caplog.set_level(logging.INFO, logger="api.auth")
     token = rs256(keys, claims())
-    assert "CUSTOMER_JWKS_URL" in await refused(auth, bearer(token))
+    with pytest.raises(Unavailable) as first:
+        await auth.authenticate(bearer(token))
+    assert "CUSTOMER_JWKS_URL" in first.value.message
     assert any(r.levelno == logging.WARNING for r in caplog.records)
-    # Within the retry window the next request is refused at once, still as 401.
-    assert "CUSTOMER_JWKS_URL" in await refused(auth, bearer(token))
+    # Within the retry window the next request is answered at once, the same way.
+    with pytest.raises(Unavailable):
+        await auth.authenticate(bearer(token))
+    await auth.aclose()
+
+
+async def test_keys_fetched_before_keep_working_while_the_jwks_is_down(keys: Keys) -> None:
+    """A key set fetched once, then the identity provider goes away and the cache expires:
+    customers with those keys are still served; a key never seen is 503."""
+    rsa_jwk = RSAAlgorithm.to_jwk(keys.rsa.public_key(), as_dict=True)
+
+    async def serve_keys(_: web.Request) -> web.Response:
+        return web.json_response({"keys": [rsa_jwk | {"kid": "rsa-1", "alg": "RS256"}]})
+
+    app = web.Application()
+    app.router.add_get("/jwks.json", serve_keys)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    auth = Authenticator(make_settings(customer_jwks_url=f"http://{host}:{port}/jwks.json"))
+    assert (await auth.authenticate(bearer(rs256(keys, claims())))).user_id == "user-42"
+    await runner.cleanup()
+    assert auth._jwks is not None and auth._jwks.jwk_set_cache is not None
+    auth._jwks.jwk_set_cache.lifespan = 0  # expired: the next request fetches again
+
+    caller = await auth.authenticate(bearer(rs256(keys, claims())))
+
+    assert caller.user_id == "user-42"
+    with pytest.raises(Unavailable):
+        await auth.authenticate(bearer(rs256(keys, claims(), kid="rsa-2")))
     await auth.aclose()
 
 

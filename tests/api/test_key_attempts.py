@@ -144,7 +144,7 @@ async def test_a_request_that_joined_a_failed_attempt_opens_the_next(db: Session
     service = Scripted(db, [None])
     # Claimed by another request whose attempt then fails `unavailable`: this request joins it.
     first_claim, _ = await service.keys.claim(
-        "email:a@example.com", KEY, fingerprint(BODY), ttl_seconds=60
+        "email:a@example.com", KEY, fingerprint(BODY, None), ttl_seconds=60
     )
     service.answers = [StartResult(failure=UNAVAILABLE), None]
 

@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import text
 
 from core.catalog import Catalog
@@ -121,3 +122,58 @@ async def test_releasing_frees_only_that_checkouts_key(db: SessionFactory) -> No
     assert (await keys.claim(SCOPE, "k-1", "fp", ttl_seconds=60))[0].claimed
     assert not (await keys.claim(SCOPE, "k-2", "fp", ttl_seconds=60))[0].claimed
     assert two.claimed
+
+
+async def test_concurrent_requests_of_one_key_are_counted_once(db: SessionFactory) -> None:
+    """The rate limits run inside the key's lock, only for the request that claims it: any
+    number of concurrent duplicates of a new key spend one request's budget."""
+    keys = CheckoutKeyStore(db)
+    counted = 0
+
+    async def count() -> None:
+        nonlocal counted
+        counted += 1
+
+    claims = await asyncio.gather(
+        *(keys.claim(SCOPE, "k-1", "fp", ttl_seconds=60, before_claiming=count) for _ in range(20))
+    )
+
+    assert counted == 1
+    assert sum(claim.claimed for claim, _ in claims) == 1
+
+
+async def test_a_request_refused_before_claiming_leaves_no_claim(db: SessionFactory) -> None:
+    keys = CheckoutKeyStore(db)
+
+    async def refuse() -> None:
+        raise RuntimeError("rate limited")
+
+    with pytest.raises(RuntimeError):
+        await keys.claim(SCOPE, "k-1", "fp", ttl_seconds=60, before_claiming=refuse)
+
+    assert await keys.find(SCOPE, "k-1") is None
+    assert (await keys.claim(SCOPE, "k-1", "fp", ttl_seconds=60))[0].claimed
+
+
+async def test_an_expired_key_whose_checkout_still_waits_for_payment_still_stands_for_it(
+    db: SessionFactory,
+) -> None:
+    """A payment window that outlives the key (a long `processing` grace, a worker outage)
+    must not let the key open a second checkout while the first can still be paid."""
+    await Catalog(db).put_product("mug", name="Mug", unit_price=900, currency="usd", on_hand=5)
+    orders = OrderStore(db, StockLedger(db))
+    keys = CheckoutKeyStore(db)
+    claim, _ = await keys.claim(SCOPE, "k-1", "fp", ttl_seconds=60)
+    expires_at = datetime.now(UTC) + timedelta(minutes=15)
+    await orders.open(
+        NewOrder(
+            claim.checkout_id, claim.order_id, "ada@example.com", None, {"mug": 1}, {}, expires_at
+        )
+    )
+    async with db.begin() as session:
+        await session.execute(text("UPDATE checkout_keys SET expires_at = now() - interval '1 s'"))
+
+    again, _ = await keys.claim(SCOPE, "k-1", "fp", ttl_seconds=60)
+
+    assert not again.claimed
+    assert again.checkout_id == claim.checkout_id

@@ -96,3 +96,11 @@ def test_the_processes_refuse_to_start_naming_the_variable(command: list[str]) -
     assert "SECRET_KEY is missing or empty" in result.stderr
     # The refusal names the variable, never a value.
     assert DEV_ADMIN_TOKEN not in result.stderr
+
+
+def test_a_jwks_over_plain_http_is_refused_outside_development() -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(environment="production", **STRONG, customer_jwks_url="http://idp/jwks.json")
+    assert "CUSTOMER_JWKS_URL must be an https:// URL" in str(refused.value)
+    assert Settings(environment="production", **STRONG, customer_jwks_url="https://idp/jwks.json")
+    assert Settings(environment="development", customer_jwks_url="http://127.0.0.1/jwks.json")

@@ -90,6 +90,31 @@ async def test_a_burst_from_one_address_is_rate_limited_with_retry_after(limited
     assert await orders_count(limited) == 5
 
 
+async def test_concurrent_duplicates_of_a_new_key_count_as_one_checkout(limited: Stack) -> None:
+    """The contract: the same key and body again, even concurrently, any number of times, is
+    200. They take turns on the key: one request claims it and is counted, once."""
+    await put_product(limited, "MUG", 100)
+    key = f"burst-{time.monotonic_ns()}"
+    body = cart(("MUG", 1), email="burst@example.com")
+
+    answers = await asyncio.gather(
+        *(
+            limited.api.post("/checkout", json=body, headers={"Idempotency-Key": key})
+            for _ in range(20)
+        )
+    )
+
+    assert sorted(r.status_code for r in answers) == [200] * 19 + [201]
+    assert len({r.json()["checkout_id"] for r in answers}) == 1
+    assert await orders_count(limited) == 1
+    # One of the three a minute spent: two more checkouts from this address, then 429.
+    more = [
+        await limited.api.post("/checkout", json=cart(("MUG", 1), email=f"m{i}@example.com"))
+        for i in range(3)
+    ]
+    assert [r.status_code for r in more] == [201, 201, 429]
+
+
 @pytest.fixture
 async def behind_a_proxy(
     settings: Settings, temporal_address: str, db: SessionFactory

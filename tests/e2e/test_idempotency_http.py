@@ -250,7 +250,9 @@ async def test_a_checkout_whose_run_was_deleted_gives_its_stock_back_after_its_w
     assert (await order_of(stack, created))["status"] != "pending_payment"
 
 
-async def test_a_key_past_its_ttl_opens_a_new_checkout(short_keys: Stack) -> None:
+async def test_a_key_past_its_ttl_opens_a_new_checkout_once_its_own_has_closed(
+    short_keys: Stack,
+) -> None:
     stack = short_keys
     await put_product(stack, "TTL", 10)
     key = str(uuid.uuid4())
@@ -265,17 +267,24 @@ async def test_a_key_past_its_ttl_opens_a_new_checkout(short_keys: Stack) -> Non
         assert time.monotonic() < deadline, "the key never expired"
         await asyncio.sleep(0.1)
 
+    # Past its TTL, but its checkout can still be paid: the key still stands for it (a
+    # second checkout now would be a second PaymentIntent for the same request).
+    status, still = await post(stack, body, key)
+    assert status == 200, still
+    assert answer(still) == answer(first)
+    assert (await cancel(stack, first)).status_code == 200
+
     second = await opened(stack, body, key)
 
     for field in ("checkout_id", "order_id", "access_token", "payment_intent_id"):
         assert answer(second)[field] != answer(first)[field], field
     assert uuid.UUID(second["checkout_id"]).version == 4
     assert uuid.UUID(second["order_id"]).version == 4
-    assert await inventory(stack, "TTL") == (10, 4, 6)
+    assert await inventory(stack, "TTL") == (10, 2, 8)
     assert len(await intents_of(stack, second["checkout_id"])) == 1
     assert len(await checkouts_of(stack, "ttl@example.com")) == 2
-    # The first checkout is still its own: its token reaches it, and it is still open.
-    assert (await order_of(stack, first))["status"] == "pending_payment"
+    # The first checkout is still its own: its token reaches it, as it ended.
+    assert (await order_of(stack, first))["status"] == "cancelled"
 
 
 @pytest.mark.parametrize(

@@ -268,6 +268,40 @@ async def test_a_checkout_past_its_window_whose_workflow_runs_is_left_to_its_sag
     assert await inventory(stack, "MUG") == (6, 0, 6)
 
 
+async def test_checkouts_whose_workflow_runs_never_hide_the_stale_ones_behind_them(
+    stack: Stack,
+) -> None:
+    """More running checkouts past their window than a batch holds (stuck ones, say), older
+    than a terminated one: the reconciler pages past them and settles the terminated one."""
+    await put_product(stack, "MUG", 20)
+    running = [await checkout(stack, "MUG", 1, window=900) for _ in range(3)]
+    async with stack.services.sessions.begin() as session:
+        await session.execute(
+            text(
+                "UPDATE reservations SET expires_at = now() - interval '1 hour'"
+                " WHERE checkout_id = ANY(CAST(:c AS uuid[]))"
+            ),
+            {"c": [c["checkout_id"] for c in running]},
+        )
+    lost = await checkout(stack, "MUG", 2)
+    await terminate(stack, lost)
+    await window_ended(lost)
+
+    summary = await stack.services.temporal.execute_workflow(
+        ReconcilerWorkflow.run,
+        ReconcilerInput(batch_size=2),
+        id=f"checkout-reconciler-test-{uuid.uuid4()}",
+        task_queue=stack.settings.temporal_task_queue,
+    )
+
+    assert (summary.expired, summary.skipped) == (1, 3)
+    await wait_for_order(stack, lost["order_id"], "expired")
+    assert await inventory(stack, "MUG") == (20, 3, 17)
+    for created in running:
+        assert (await order(stack, created["order_id"]))["status"] == "pending_payment"
+        await stack.api.post(f"/orders/{created['order_id']}/cancel", headers=ADMIN)
+
+
 async def test_the_schedule_exists_with_the_configured_interval_and_reconciles(
     stack: Stack,
 ) -> None:

@@ -17,9 +17,10 @@ from sqlalchemy import text
 from core.db import SessionFactory
 from core.invariants import check
 from core.settings import Settings
+from core.workflow_ids import checkout_workflow_id
 from tests.conftest import PROJECT_ROOT
 from tests.e2e.stack import Stack, running_stack, stack_settings
-from tests.e2e.test_checkout_http import cancel, cart, checkout, inventory, put_product
+from tests.e2e.test_checkout_http import ADMIN, cancel, cart, checkout, inventory, put_product
 
 pytestmark = pytest.mark.e2e
 
@@ -150,3 +151,48 @@ async def test_killed_while_finishing(stack: Stack, stage: str) -> None:
             assert intent["status"] == "canceled"
     assert await inventory(stack, "MUG") == expected
     assert await counts(stack, created["checkout_id"]) == (1, 1, 1)
+
+
+async def test_a_run_terminated_before_it_answered_frees_its_key(stack: Stack) -> None:
+    """The worker dies right after opening the order and an operator terminates the run before
+    any PaymentIntent exists: nobody ever got an answer, so a retry of the key opens a new
+    checkout instead of answering 503 until the key's TTL (and the reconciler settles the
+    first order once its window ends)."""
+    await put_product(stack, "MUG", 10)
+    key = f"terminated-{uuid.uuid4()}"
+    body = cart(("MUG", 2), email=f"{key}@example.com")
+    with worker_process(stack, kill_after="open_order") as doomed:
+        first = asyncio.create_task(
+            stack.api.post("/checkout", json=body, headers={"Idempotency-Key": key})
+        )
+        assert await wait_exit(doomed) == -9
+    async with stack.services.sessions() as session:
+        order_id, checkout_id = (
+            await session.execute(
+                text("SELECT id, checkout_id FROM orders WHERE customer_email = :e"),
+                {"e": f"{key}@example.com"},
+            )
+        ).one()
+    await stack.services.temporal.get_workflow_handle(checkout_workflow_id(checkout_id)).terminate(
+        reason="operator: stuck checkout"
+    )
+    assert (await first).status_code == 503
+
+    with worker_process(stack):
+        retried = await stack.api.post("/checkout", json=body, headers={"Idempotency-Key": key})
+
+        assert retried.status_code == 201, retried.text
+        again = retried.json()
+        assert again["checkout_id"] != str(checkout_id)
+        assert await counts(stack, again["checkout_id"]) == (1, 1, 1)
+        # The retry's answer is now the key's: replays return it.
+        replay = await stack.api.post("/checkout", json=body, headers={"Idempotency-Key": key})
+        assert replay.status_code == 200
+        assert replay.json()["checkout_id"] == again["checkout_id"]
+        assert (await cancel(stack, again)).status_code == 200
+        # The first order holds its 2 units until the reconciler settles it after its window,
+        # or until it is cancelled: its run is gone, so the reconciler's own step cancels it.
+        assert await inventory(stack, "MUG") == (10, 2, 8)
+        cancelled = await stack.api.post(f"/orders/{order_id}/cancel", headers=ADMIN)
+        assert cancelled.json() == {"order_id": str(order_id), "status": "cancelled"}
+    assert await inventory(stack, "MUG") == (10, 0, 10)

@@ -34,16 +34,7 @@ class PricedCartOut(BaseModel):
     def of(cls, cart: PricedCart) -> PricedCartOut:
         return cls(
             currency=cart.currency,
-            lines=[
-                LineOut(
-                    sku=line.sku,
-                    name=line.name,
-                    unit_price=line.unit_price,
-                    quantity=line.quantity,
-                    line_total=line.line_total,
-                )
-                for line in cart.lines
-            ],
+            lines=[LineOut.model_validate(line, from_attributes=True) for line in cart.lines],
             subtotal=cart.subtotal,
         )
 

@@ -227,16 +227,7 @@ class CheckoutService:
             order_id=recorded.order_id,
             status=recorded.order_status,
             currency=recorded.currency,
-            items=[
-                LineOut(
-                    sku=line.sku,
-                    name=line.name,
-                    unit_price=line.unit_price,
-                    quantity=line.quantity,
-                    line_total=line.line_total,
-                )
-                for line in recorded.lines
-            ],
+            items=[LineOut.model_validate(line, from_attributes=True) for line in recorded.lines],
             totals=Totals(
                 subtotal=recorded.subtotal,
                 discount=recorded.discount,

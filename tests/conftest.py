@@ -31,10 +31,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from core.db import SessionFactory, create_engine, create_session_factory
-from core.dev.postgres import EmbeddedPostgres
-from core.dev.temporal_server import PERFORMANCE_ARGS, search_attribute_args, temporal_cli
 from core.models import Base
 from core.settings import Settings
+from devtools.postgres import EmbeddedPostgres
+from devtools.temporal_server import PERFORMANCE_ARGS, search_attribute_args, temporal_cli
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Deleting a closed run waits until the server has persisted that its close was processed,

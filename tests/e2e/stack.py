@@ -240,7 +240,7 @@ async def running_stack(
     secret = settings.stripe_webhook_secret.get_secret_value()
     standin = subprocess.Popen(
         [
-            sys.executable, "-m", "core.dev.stripe_standin",
+            sys.executable, "-m", "devtools.stripe_standin",
             "--port", str(stripe_port),
             "--webhook-url", f"http://127.0.0.1:{api_port}/webhooks/stripe",
             "--webhook-secret", secret,

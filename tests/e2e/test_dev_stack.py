@@ -42,7 +42,7 @@ class RunningStack:
         env.update({k: str(v) for k, v in self.ports.items()}, DATA_DIR=str(data_dir))
         self.output = data_dir.parent / f"stack-{time.monotonic_ns()}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "core.dev.stack"],
+            [sys.executable, "-m", "devtools.stack"],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=self.output.open("wb"),

@@ -15,9 +15,9 @@ import pytest
 from alembic import command
 from sqlalchemy import text
 
-from core.dev.postgres import EmbeddedPostgres, create_database
 from core.invariants import check
 from core.settings import Settings
+from devtools.postgres import EmbeddedPostgres, create_database
 from tests.conftest import alembic_config, free_port
 from tests.e2e.stack import Stack, running_stack, stack_settings
 from tests.e2e.test_checkout_http import ADMIN, cart, inventory, put_product

@@ -13,10 +13,10 @@ import pytest
 from temporalio.client import Client
 
 from core.db import SessionFactory
-from core.dev.temporal_server import start_dev_argv
 from core.invariants import check
 from core.settings import Settings
 from core.workflow_ids import checkout_workflow_id
+from devtools.temporal_server import start_dev_argv
 from tests.conftest import free_port
 from tests.e2e.stack import Stack, running_stack, stack_settings
 from tests.e2e.test_checkout_http import as_owner, cart, checkout, inventory, put_product

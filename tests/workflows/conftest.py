@@ -11,7 +11,7 @@ from temporalio.client import WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from core.dev.temporal_server import PERFORMANCE_ARGS, search_attribute_args, temporal_cli
+from devtools.temporal_server import PERFORMANCE_ARGS, search_attribute_args, temporal_cli
 
 HISTORIES = Path(__file__).parent / "histories"
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from core.dev.postgres import EmbeddedPostgres, create_database
-from core.dev.supervisor import Supervisor, wait_until
-from core.dev.temporal_server import start_dev_argv
 from core.settings import DEV_ADMIN_TOKEN, DEV_STRIPE_SECRET_KEY, DEV_STRIPE_WEBHOOK_SECRET
+from devtools.postgres import EmbeddedPostgres, create_database
+from devtools.supervisor import Supervisor, wait_until
+from devtools.temporal_server import start_dev_argv
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -146,7 +146,7 @@ class Stack:
         secret = self.env.setdefault("STRIPE_WEBHOOK_SECRET", DEV_STRIPE_WEBHOOK_SECRET)
         webhook_url = f"http://127.0.0.1:{self.ports.api}/webhooks/stripe"
         argv = [
-            sys.executable, "-m", "core.dev.stripe_standin",
+            sys.executable, "-m", "devtools.stripe_standin",
             "--port", str(self.ports.stripe),
             "--webhook-url", webhook_url,
             "--webhook-secret", secret,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from localstripe import resources
 
-from core.dev.stripe_standin import _index_store, _Persistence
+from devtools.stripe_standin import _index_store, _Persistence
 
 CARD = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}
 

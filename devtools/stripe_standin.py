@@ -19,7 +19,7 @@ module patches it, and nothing else:
   lists a charge's refunds that way each time it returns the charge (and so each PaymentIntent
   read with its charge), so every request grew slower with each object ever created.
 
-    python -m core.dev.stripe_standin --port 8420 --state-file .data/localstripe.pickle \
+    python -m devtools.stripe_standin --port 8420 --state-file .data/localstripe.pickle \
         --webhook-url http://127.0.0.1:8000/webhooks/stripe --webhook-secret whsec_...
 """
 

@@ -13,9 +13,9 @@ workflow committing the stock and marking the order paid. It prints:
   Temporal, PostgreSQL and its backends, stand-in), and how they split.
 
 The load generator (this process) is not counted. Then, on the same dev server, the floor: the
-checkout workflow's Temporal skeleton with no-op activities (core/dev/bench_floor.py), which no
+checkout workflow's Temporal skeleton with no-op activities (devtools/bench_floor.py), which no
 checkout can beat on this machine. Usage:
-    python -m core.dev.bench [--levels 1,10,50] [--checkouts-per-client 30] [--floor-levels 1,10]
+    python -m devtools.bench [--levels 1,10,50] [--checkouts-per-client 30] [--floor-levels 1,10]
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import aiohttp
 import psutil
 import psycopg
 
-from core.dev import bench_floor
-from core.dev.stack import PROJECT_ROOT, Ports, Stack
 from core.settings import DEV_ADMIN_TOKEN, DEV_STRIPE_SECRET_KEY
+from devtools import bench_floor
+from devtools.stack import PROJECT_ROOT, Ports, Stack
 
 SKUS = [f"BENCH-{i:03d}" for i in range(200)]
 EXTERNAL = ("DATABASE_URL", "TEMPORAL_ADDRESS", "STRIPE_SECRET_KEY", "STRIPE_API_BASE")
@@ -200,7 +200,7 @@ def _floor(stack: Stack, levels: list[int]) -> dict[int, float]:
     """The same dev server running the checkout's Temporal skeleton with no-op activities."""
     address = stack.env["TEMPORAL_ADDRESS"]
     worker = subprocess.Popen(
-        [sys.executable, "-m", "core.dev.bench_floor", "--worker", address],
+        [sys.executable, "-m", "devtools.bench_floor", "--worker", address],
         cwd=PROJECT_ROOT,
     )
     try:
@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument(
         "--floor-levels",
         default="1,10",
-        help="concurrencies for the Temporal skeleton (core/dev/bench_floor.py); '' to skip",
+        help="concurrencies for the Temporal skeleton (devtools/bench_floor.py); '' to skip",
     )
     args = parser.parse_args()
     for name in EXTERNAL:

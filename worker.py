@@ -27,7 +27,7 @@ from core.settings import Settings, load_settings
 from core.stripe_gateway import StripeGateway, create_gateway
 from core.temporal import connect
 from workflows.checkout import CheckoutWorkflow
-from workflows.reconciler import CancelLostCheckoutWorkflow, ReconcilerWorkflow
+from workflows.reconciler import ReconcilerWorkflow, SettleLostCheckoutWorkflow
 from workflows.refund import LatePaymentWorkflow, RefundWorkflow
 
 log = logging.getLogger("worker")
@@ -55,7 +55,7 @@ def build_worker(
             RefundWorkflow,
             LatePaymentWorkflow,
             ReconcilerWorkflow,
-            CancelLostCheckoutWorkflow,
+            SettleLostCheckoutWorkflow,
         ],
         activities=[
             order_activities.open_order,

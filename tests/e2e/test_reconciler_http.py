@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 from temporalio.client import ScheduleActionStartWorkflow, ScheduleOverlapPolicy, WorkflowHandle
-from temporalio.service import RPCError
 
 from core.schedules import ensure_reconciler_schedule
 from core.workflow_ids import (
@@ -341,14 +340,3 @@ async def test_the_schedule_exists_with_the_configured_interval_and_reconciles(
         assert updated.state.note == "paused by an operator"
     finally:
         await handle.delete()
-
-
-async def wait_until_started(handle: WorkflowHandle[Any, Any], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await handle.describe()
-            return
-        except RPCError:
-            assert time.monotonic() < deadline, f"{handle.id} never started"
-            await asyncio.sleep(0.2)

@@ -199,6 +199,10 @@ class Settings(DatabaseSettings):
             why = _weakness(self.customer_jwt_secret.get_secret_value(), MIN_JWT_SECRET_LENGTH)
             if why:
                 problems.append(f"CUSTOMER_JWT_SECRET {why}")
+        if self.temporal_api_key is not None:
+            why = _weakness(self.temporal_api_key.get_secret_value(), MIN_SECRET_LENGTH)
+            if why:
+                problems.append(f"TEMPORAL_API_KEY {why}")
         if self.customer_jwks_url and not self.customer_jwks_url.startswith("https://"):
             # Over plain HTTP anyone on the path could hand us keys that sign any customer.
             problems.append("CUSTOMER_JWKS_URL must be an https:// URL")

@@ -26,6 +26,8 @@ from tests.core.test_settings import STRONG
 
 CLOUD = "us-east-1.aws.api.temporal.io:7233"
 NAMESPACE = "checkout.a1b2c"
+# What a Temporal Cloud API key looks like to the client: an opaque token.
+API_KEY = "eyJhbGciOiJFUzI1NiJ9.cloud-api-key.9f3c1a"
 
 
 @pytest.fixture(autouse=True)
@@ -78,13 +80,13 @@ async def test_plaintext_to_the_stacks_own_server_by_default() -> None:
 
 async def test_an_api_key_implies_tls_against_the_system_roots() -> None:
     client = await connect(
-        settings(temporal_address=CLOUD, temporal_namespace=NAMESPACE, temporal_api_key="key-123"),
+        settings(temporal_address=CLOUD, temporal_namespace=NAMESPACE, temporal_api_key=API_KEY),
         lazy=True,
     )
     config = client.service_client.config
     assert config.target_host == CLOUD
     assert client.namespace == NAMESPACE
-    assert config.api_key == "key-123"
+    assert config.api_key == API_KEY
     assert config.tls is True
 
 
@@ -114,9 +116,9 @@ async def test_a_client_certificate_is_mtls_with_the_files_contents(tmp_path: Pa
 
 async def test_an_api_key_with_a_ca_of_our_own(tmp_path: Path) -> None:
     ca, _ = write_pem_pair(tmp_path, "ca")
-    client = await connect(settings(temporal_api_key="key-123", temporal_tls_ca=str(ca)), lazy=True)
+    client = await connect(settings(temporal_api_key=API_KEY, temporal_tls_ca=str(ca)), lazy=True)
     config = client.service_client.config
-    assert config.api_key == "key-123"
+    assert config.api_key == API_KEY
     assert config.tls == TLSConfig(server_root_ca_cert=ca.read_bytes())
 
 
@@ -174,3 +176,9 @@ def test_the_processes_stop_at_start_up_naming_the_missing_key_file(
     assert started.returncode == 2, started.stderr
     assert "configuration error: TEMPORAL_TLS_KEY:" in started.stderr
     assert "missing.key is not a readable file" in started.stderr
+
+
+def test_a_placeholder_api_key_is_refused_outside_development() -> None:
+    with pytest.raises(ValidationError) as refused:
+        settings(temporal_api_key="change-me")
+    assert "TEMPORAL_API_KEY is a placeholder" in str(refused.value)

@@ -92,3 +92,22 @@ def env_example() -> tuple[dict[str, str], set[str]]:
 def interpolated_variables(path: Path = COMPOSE_FILE) -> set[str]:
     """Every ${NAME...} the compose file asks its environment (.env) for."""
     return set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", path.read_text()))
+
+
+_REFERENCE = re.compile(r"\$\{([A-Z][A-Z0-9_]*)(?:(:-|:\?)([^}]*))?\}")
+
+
+def interpolate(value: str, dotenv: dict[str, str]) -> str:
+    """Compose's interpolation of `${NAME}`, `${NAME:-default}` and `${NAME:?message}` (the
+    forms the compose file uses): an unset or empty NAME takes the default, or is an error."""
+
+    def resolve(match: re.Match[str]) -> str:
+        name, operator, argument = match[1], match[2], match[3]
+        found = dotenv.get(name, "")
+        if found:
+            return found
+        if operator == ":?":
+            raise KeyError(f"required variable {name} is missing a value: {argument}")
+        return argument if operator == ":-" else ""
+
+    return _REFERENCE.sub(resolve, value)

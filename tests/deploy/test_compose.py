@@ -13,6 +13,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from api.client_address import TrustedProxies
 from core.settings import Settings
 from devtools.temporal_server import SEARCH_ATTRIBUTES
 from tests.conftest import PROJECT_ROOT
@@ -23,6 +24,7 @@ from tests.deploy.stack_files import (
     compose,
     env_example,
     environment,
+    interpolate,
     interpolated_variables,
     require_tool,
     services,
@@ -235,6 +237,43 @@ def test_the_example_holds_no_secret_and_the_service_refuses_it_as_is() -> None:
         Settings.model_validate({**service, "environment": "production"})
     for name in ("ADMIN_TOKEN", "SECRET_KEY", "STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"):
         assert f"{name} is missing or empty" in str(refused.value)
+
+
+def filled_in_env() -> dict[str, str]:
+    """.env.example as an operator fills it in: every secret set, nothing else changed."""
+    assigned, _ = env_example()
+    return {
+        name: value or f"{name.lower().replace('_', '-')}-3f9c1d7e5b2a8f4c6d0e9b1a"
+        for name, value in assigned.items()
+    }
+
+
+@pytest.mark.parametrize("service", ["api", "worker"])
+def test_the_environment_compose_hands_the_service_is_one_it_starts_with(service: str) -> None:
+    dotenv = filled_in_env()
+    resolved = {
+        name: interpolate(str(value), dotenv)
+        for name, value in environment(service).items()
+        if value is not None  # passed through only when .env sets it: unset here
+    }
+    settings = Settings.model_validate(
+        {name.lower(): value for name, value in resolved.items() if name in settings_variables()}
+    )
+    assert settings.environment == "production"
+    assert settings.database_url.startswith("postgresql+psycopg://checkout:")
+    assert settings.database_url.endswith("@postgres:5432/checkout")
+    assert settings.temporal_address == "temporal:7233"
+    assert settings.redis_url == "redis://valkey:6379/0"
+    assert resolved["RABBITMQ_URL"].startswith("amqp://checkout:")
+    if service == "api":
+        assert TrustedProxies(settings.trusted_proxies)  # a CIDR the middleware accepts
+        assert (settings.api_host, settings.api_port) == ("0.0.0.0", 8000)  # noqa: S104
+
+
+def test_compose_stops_on_the_example_as_it_is() -> None:
+    assigned, _ = env_example()
+    with pytest.raises(KeyError, match="required variable POSTGRES_PASSWORD"):
+        interpolate(str(environment("api")["DATABASE_URL"]), assigned)
 
 
 def test_the_api_scales_behind_the_proxy_that_it_trusts() -> None:

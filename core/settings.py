@@ -8,7 +8,9 @@ service refuses to start when a secret is missing, empty, a known placeholder or
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -86,6 +88,17 @@ class Settings(DatabaseSettings):
     # README's benchmark). Determinism is still checked: the workflow tests run the workflow in
     # the full sandbox and the replay test replays recorded histories through it.
     temporal_workflow_sandbox: bool = False
+    # Temporal Cloud, or a cluster that wants credentials: an API key (TLS is implied: the
+    # system's roots, or TEMPORAL_TLS_CA), or a client certificate and its key for mTLS (PEM
+    # files). Neither: plaintext, as to the stack's own server on its private network.
+    temporal_api_key: SecretStr | None = None
+    temporal_tls_cert: Path | None = None
+    temporal_tls_key: Path | None = None
+    # The CA the server's certificate is checked against (alone, it turns TLS on); unset: the
+    # system's roots, which is what Temporal Cloud needs.
+    temporal_tls_ca: Path | None = None
+    # The name the server's certificate carries, when it is not the host in TEMPORAL_ADDRESS.
+    temporal_tls_server_name: str | None = None
 
     # Empty means unset: filled with a placeholder in development, refused elsewhere.
     stripe_secret_key: SecretStr = SecretStr("")
@@ -124,6 +137,30 @@ class Settings(DatabaseSettings):
     # Requests larger than this are refused with 413 before their body is parsed.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 
+    @field_validator(
+        "temporal_api_key",
+        "temporal_tls_cert",
+        "temporal_tls_key",
+        "temporal_tls_ca",
+        "temporal_tls_server_name",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `VAR=` in an env file or a compose file means "not configured", not a path ".".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("temporal_tls_cert", "temporal_tls_key", "temporal_tls_ca")
+    @classmethod
+    def _readable_file(cls, path: Path | None) -> Path | None:
+        # Checked at start-up, so that a missing secret mount stops the process with the
+        # variable's name instead of failing the first connection minutes later.
+        if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+            raise ValueError(f"{path} is not a readable file")
+        return path
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
@@ -134,6 +171,17 @@ class Settings(DatabaseSettings):
     @property
     def development(self) -> bool:
         return self.environment == DEVELOPMENT
+
+    @model_validator(mode="after")
+    def _client_certificate_pairs(self) -> Settings:
+        if (self.temporal_tls_cert is None) != (self.temporal_tls_key is None):
+            given, missing = (
+                ("TEMPORAL_TLS_CERT", "TEMPORAL_TLS_KEY")
+                if self.temporal_tls_key is None
+                else ("TEMPORAL_TLS_KEY", "TEMPORAL_TLS_CERT")
+            )
+            raise ValueError(f"{given} is set but {missing} is not: mTLS needs both")
+        return self
 
     @model_validator(mode="after")
     def _secrets_fail_closed(self) -> Settings:
@@ -151,6 +199,10 @@ class Settings(DatabaseSettings):
             why = _weakness(self.customer_jwt_secret.get_secret_value(), MIN_JWT_SECRET_LENGTH)
             if why:
                 problems.append(f"CUSTOMER_JWT_SECRET {why}")
+        if self.temporal_api_key is not None:
+            why = _weakness(self.temporal_api_key.get_secret_value(), MIN_SECRET_LENGTH)
+            if why:
+                problems.append(f"TEMPORAL_API_KEY {why}")
         if self.customer_jwks_url and not self.customer_jwks_url.startswith("https://"):
             # Over plain HTTP anyone on the path could hand us keys that sign any customer.
             problems.append("CUSTOMER_JWKS_URL must be an https:// URL")

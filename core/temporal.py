@@ -12,7 +12,7 @@ from temporalio.api.enums.v1 import ResourceExhaustedCause
 from temporalio.api.errordetails.v1 import MultiOperationExecutionFailure, ResourceExhaustedFailure
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from core.settings import Settings
 
@@ -23,12 +23,36 @@ T = TypeVar("T")
 
 async def connect(settings: Settings, *, lazy: bool = False) -> Client:
     """Connect to Temporal. `lazy` defers the connection to the first call, so the API can
-    start (and report Temporal as down on /healthz) while the server is still coming up."""
+    start (and report Temporal as down on /healthz) while the server is still coming up.
+    Credentials (an API key, a client certificate) come from the settings, the same for the
+    API, the worker and the tools."""
+    api_key = settings.temporal_api_key
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
+        api_key=api_key.get_secret_value() if api_key else None,
+        tls=tls_config(settings),
         data_converter=pydantic_data_converter,
         lazy=lazy,
+    )
+
+
+def tls_config(settings: Settings) -> TLSConfig | bool:
+    """TLS for the Temporal connection: a client certificate (mTLS), a CA of our own, a server
+    name, or an API key each turn it on; an API key alone checks the server against the
+    system's roots (Temporal Cloud's certificates chain to a public CA). None of them: False,
+    plaintext. The PEM files are read here, at start-up: Settings has checked they exist."""
+    server_ca = settings.temporal_tls_ca.read_bytes() if settings.temporal_tls_ca else None
+    cert = settings.temporal_tls_cert.read_bytes() if settings.temporal_tls_cert else None
+    key = settings.temporal_tls_key.read_bytes() if settings.temporal_tls_key else None
+    if cert is None and server_ca is None and settings.temporal_tls_server_name is None:
+        # Never an API key in clear text: with one, TLS against the system's roots.
+        return settings.temporal_api_key is not None
+    return TLSConfig(
+        server_root_ca_cert=server_ca,
+        domain=settings.temporal_tls_server_name,
+        client_cert=cert,
+        client_private_key=key,
     )
 
 

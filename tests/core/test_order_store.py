@@ -95,7 +95,8 @@ async def outbox_by_order(db: SessionFactory) -> dict[str, list[tuple[str, str]]
     """Each order's events as (type, dedupe_key), in sequence order (its ids' order too)."""
     messages: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for row in await query(
-        db, "SELECT aggregate_id, event_type, dedupe_key FROM outbox ORDER BY aggregate_id, sequence"
+        db,
+        "SELECT aggregate_id, event_type, dedupe_key FROM outbox ORDER BY aggregate_id, sequence",
     ):
         messages[str(row.aggregate_id)].append((row.event_type, row.dedupe_key))
     return messages

@@ -30,8 +30,6 @@ from devtools.supervisor import Supervisor, wait_until
 from devtools.temporal_server import start_dev_argv
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# A RabbitMQ on this machine with its default account, as Debian's package installs it.
-LOCAL_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 @dataclass(frozen=True)
@@ -41,6 +39,8 @@ class Ports:
     temporal: int
     temporal_ui: int
     stripe: int
+    # Where `make run` looks for a RabbitMQ of this machine's own (not started by it).
+    rabbitmq: int = 5672
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -51,6 +51,7 @@ class Ports:
             temporal=int(env.get("DEV_TEMPORAL_PORT", "7233")),
             temporal_ui=int(env.get("DEV_TEMPORAL_UI_PORT", "8233")),
             stripe=int(env.get("DEV_STRIPE_PORT", "8420")),
+            rabbitmq=int(env.get("DEV_RABBITMQ_PORT", "5672")),
         )
 
 
@@ -171,19 +172,20 @@ class Stack:
         self.where.append(("Stripe stand-in", f"{base} (webhooks to {webhook_url})"))
 
     def _events(self) -> None:
-        """The worker's relay publishes to RABBITMQ_URL, or to a broker found on 5672."""
+        """The worker's relay publishes to RABBITMQ_URL, or to a broker found on this machine
+        (its default account, as Debian's package installs it)."""
         exchange = self.env.get("EVENTS_EXCHANGE") or "checkout.events"
         if self.env.get("RABBITMQ_URL"):
             broker = f"{safe_url(self.env['RABBITMQ_URL'])} (RABBITMQ_URL)"
-        elif _port_open("127.0.0.1", 5672):
-            self.env["RABBITMQ_URL"] = LOCAL_RABBITMQ
-            broker = f"{safe_url(LOCAL_RABBITMQ)} (found running, guest)"
+        elif _port_open("127.0.0.1", self.ports.rabbitmq):
+            self.env["RABBITMQ_URL"] = f"amqp://guest:guest@127.0.0.1:{self.ports.rabbitmq}/"
+            broker = f"{safe_url(self.env['RABBITMQ_URL'])} (found running, guest)"
         else:
             self.where.append(
                 (
                     "Order events",
                     "kept in the outbox and served by GET /admin/events: no RabbitMQ "
-                    "(set RABBITMQ_URL, or run one on 127.0.0.1:5672)",
+                    f"(set RABBITMQ_URL, or run one on 127.0.0.1:{self.ports.rabbitmq})",
                 )
             )
             return

@@ -329,6 +329,7 @@ def main() -> None:
         ports = Ports(
             api=_free_port(), postgres=_free_port(), temporal=_free_port(),
             temporal_ui=_free_port(), stripe=_free_port(),
+            rabbitmq=int(os.environ.get("DEV_RABBITMQ_PORT", "5672")),
         )  # fmt: skip
         stack = Stack(Path(tmp) / "data", ports, keep_stripe_state=False, quiet=True)
         try:

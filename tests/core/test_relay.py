@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.db import SessionFactory
 from core.events import EventBody
 from core.orders import NewOrder, OrderStore
-from core.relay import Relay, libpq_url
+from core.relay import Relay, RelayOptions, libpq_url
 from tests.conftest import free_port
 from tests.core.test_events import declined, new_order, opened, pay, seed
 from tests.rabbitmq import (
@@ -332,3 +332,30 @@ async def test_an_unroutable_event_stays_pending_and_holds_back_its_orders_next_
     assert [m.body["sequence"] for m in consumer.received] == [1, 2]
     assert rows[0].attempts >= 2 and rows[0].last_error is None
     assert uuid.UUID(consumer.received[0].body["aggregate_id"]) == order.order_id
+
+
+async def test_a_waiting_relay_wakes_at_the_commit_not_at_its_next_poll(
+    db: SessionFactory, engine: AsyncEngine, database_url: str, consumer: Consumer, broker: str
+) -> None:
+    await consumer.consume()
+    relay = Relay(
+        engine,
+        listen_url=libpq_url(database_url),
+        rabbitmq_url=broker,
+        exchange=consumer.exchange_name,
+        # A poll a minute away: only the notification can wake it in time.
+        options=RelayOptions(poll_interval=60),
+    )
+    publishing = asyncio.create_task(relay.run())
+    try:
+        store = await seed(db)
+        await opened(store, new_order([("mug", 1)]))
+        await consumer.wait_for(1, timeout=30)
+        # Idle now, waiting; the next commit wakes it.
+        order = new_order([("tea", 1)])
+        await opened(store, order)
+        await consumer.wait_for(2, timeout=20)
+    finally:
+        relay.stop()
+        await publishing
+    assert consumer.received[1].body["aggregate_id"] == str(order.order_id)

@@ -21,6 +21,7 @@ from core.db import SessionFactory, create_engine, create_session_factory
 from core.ledger import StockLedger
 from core.orders import OrderStore
 from core.reconciliation import ReconciliationStore
+from core.relay import Relay, quiet_amqp_logs
 from core.schedules import ensure_reconciler_schedule
 from core.sealing import Sealer
 from core.settings import Settings, load_settings
@@ -91,6 +92,7 @@ async def main() -> None:
     # The Stripe SDK logs every request and response at INFO: about 5 % of the worker's CPU
     # under load (py-spy, `make bench`), and nothing an operator needs (errors still show).
     logging.getLogger("stripe").setLevel(logging.WARNING)
+    quiet_amqp_logs()
     settings = load_settings()
     engine = create_engine(settings)
     client = await connect(settings)
@@ -103,10 +105,24 @@ async def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    # The outbox relay shares the worker's process and engine (see the README's design
+    # decisions); `python -m core.relay` runs the same code on its own.
+    relay = Relay.from_settings(settings, engine) if settings.rabbitmq_url else None
+    if relay is None:
+        log.info("RABBITMQ_URL is not set: order events are kept, served by GET /admin/events")
+
     async with worker:
         log.info("worker polling task queue %r", settings.temporal_task_queue)
+        publishing = asyncio.create_task(relay.run()) if relay else None
+        if publishing is not None:
+            # A relay that fails on a bug stops the worker (exit 1) rather than silently
+            # leaving events unpublished.
+            publishing.add_done_callback(lambda _: stop.set())
         await stop.wait()
         log.info("shutting down: finishing running activities")
+        if relay is not None and publishing is not None:
+            relay.stop()
+            await publishing
     await gateway.aclose()
     await engine.dispose()
 

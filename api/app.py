@@ -21,6 +21,7 @@ from api.services.webhook import WebhookInbox
 from core.catalog import Catalog
 from core.checkout_keys import CheckoutKeyStore
 from core.db import create_engine, create_session_factory
+from core.event_feed import EventFeed
 from core.ledger import StockLedger
 from core.orders import OrderStore
 from core.sealing import Sealer
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 gateway,
                 settings.temporal_task_queue,
             ),
+            events=EventFeed(sessions),
         )
         try:
             yield

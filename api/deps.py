@@ -18,6 +18,7 @@ from api.services.refund import RefundService
 from api.services.webhook import WebhookInbox
 from core.catalog import Catalog
 from core.db import SessionFactory
+from core.event_feed import EventFeed
 from core.orders import OrderStore
 from core.settings import Settings
 from core.stripe_gateway import StripeGateway
@@ -38,6 +39,7 @@ class Services:
     checkouts: CheckoutService
     refunds: RefundService
     webhooks: WebhookInbox
+    events: EventFeed
 
 
 # The providers are `async def`: FastAPI runs a plain `def` dependency in its thread pool, two
@@ -101,6 +103,13 @@ async def _refunds(services: ServicesDep) -> RefundService:
 
 
 RefundsDep = Annotated[RefundService, Depends(_refunds)]
+
+
+async def _events(services: ServicesDep) -> EventFeed:
+    return services.events
+
+
+EventsDep = Annotated[EventFeed, Depends(_events)]
 
 
 def client_address(request: Request) -> str:

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 
+from core.events import EventBody, Timestamp
+
 SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # Stripe's largest charge for most currencies is 99,999,999 minor units.
 MAX_AMOUNT = 99_999_999
@@ -226,6 +228,20 @@ class OrderOut(OrderSummaryOut):
 class OrdersPage(BaseModel):
     orders: list[OrderSummaryOut]
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null: done")
+
+
+class EventOut(EventBody):
+    """An order event exactly as the broker receives it, and when the broker confirmed it."""
+
+    published_at: Timestamp | None = Field(description="null: not published yet")
+
+
+class EventsPage(BaseModel):
+    events: list[EventOut] = Field(description="in commit order")
+    next_cursor: str = Field(
+        description="pass as ?after= for the next page; when nothing new has committed yet, "
+        "the same cursor again"
+    )
 
 
 class OrderStatusOut(BaseModel):

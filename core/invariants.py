@@ -8,6 +8,8 @@
 3. No succeeded PaymentIntent belongs to an order that is not `paid` or `refunded`, unless
    its money was refunded in full (a late payment, refunded automatically).
 4. No order in a final state holds an active reservation.
+5. Each order's events count from 1 to `orders.event_sequence` with no gap, and the last one
+   carries the order's status.
 """
 
 from __future__ import annotations
@@ -63,6 +65,18 @@ _FINAL_WITH_ACTIVE = text(
     WHERE o.status IN ('paid', 'cancelled', 'expired', 'refunded')
     """
 )
+_EVENTS_MATCH_ORDER = text(
+    """
+    SELECT o.id AS order_id, o.status, o.event_sequence, count(e.id) AS events,
+           (array_agg(e.payload ->> 'status' ORDER BY e.sequence DESC))[1] AS last_status
+    FROM orders o LEFT JOIN outbox e ON e.aggregate_id = o.id
+    GROUP BY o.id, o.status, o.event_sequence
+    -- UNIQUE (aggregate_id, sequence) and sequence >= 1: as many as the last one is no gap.
+    HAVING count(e.id) <> o.event_sequence OR coalesce(max(e.sequence), 0) <> o.event_sequence
+        OR (count(e.id) > 0
+            AND (array_agg(e.payload ->> 'status' ORDER BY e.sequence DESC))[1] <> o.status)
+    """
+)
 _INTENTS_OF_UNPAID = text(
     """
     SELECT p.payment_intent_id, o.id AS order_id, o.status FROM payments p
@@ -98,6 +112,14 @@ _RULES: list[tuple[str, Any, Callable[[Any], str]]] = [
         "final_order_with_active_reservation",
         _FINAL_WITH_ACTIVE,
         lambda r: f"order {r.order_id} ({r.status}) holds {r.quantity} x {r.sku}",
+    ),
+    (
+        "events_match_order",
+        _EVENTS_MATCH_ORDER,
+        lambda r: (
+            f"order {r.order_id} ({r.status}): event_sequence={r.event_sequence}, "
+            f"{r.events} event(s), the last one {r.last_status}"
+        ),
     ),
 ]
 

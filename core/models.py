@@ -19,7 +19,9 @@ from sqlalchemy import (
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql.base import ischema_names as postgresql_types
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import UserDefinedType
 
 
 class Base(DeclarativeBase):
@@ -94,6 +96,8 @@ class Order(Base):
     tax: Mapped[int] = mapped_column(BigInteger, default=0)
     shipping: Mapped[int] = mapped_column(BigInteger, default=0)
     total: Mapped[int] = mapped_column(BigInteger)
+    # The sequence of the order's last event (see core/events.py).
+    event_sequence: Mapped[int] = mapped_column(Integer, default=0)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _created_at()
@@ -179,20 +183,42 @@ class OrderEvent(Base):
     at: Mapped[datetime] = _created_at()
 
 
+class Xid8(UserDefinedType[int]):
+    """PostgreSQL's 64-bit transaction id (`pg_current_xact_id()`)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **_: object) -> str:
+        return "xid8"
+
+
+# So that reflection (Alembic's autogenerate, the migration test) knows the type too.
+postgresql_types.setdefault("xid8", Xid8)
+
+
 class OutboxMessage(Base):
-    """An event to publish, written in the same transaction as the change it announces."""
+    """An order event (`events.md`), written in the same transaction as the change it
+    announces; the relay publishes it and records when the broker confirmed it."""
 
     __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("aggregate_id", "sequence"),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    topic: Mapped[str] = mapped_column(String(128))
-    aggregate_id: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[uuid.UUID] = mapped_column(unique=True, server_default=func.gen_random_uuid())
+    event_type: Mapped[str] = mapped_column(String(64))
+    # The order's id.
+    aggregate_id: Mapped[uuid.UUID]
+    # Counts the order's events from 1 with no gaps (`orders.event_sequence`).
+    sequence: Mapped[int] = mapped_column(Integer)
     payload: Mapped[dict[str, Any]]
     dedupe_key: Mapped[str] = mapped_column(String(255), unique=True)
-    created_at: Mapped[datetime] = _created_at()
+    occurred_at: Mapped[datetime] = _created_at()
+    # The writing transaction: the admin feed's commit order (see core/event_feed.py).
+    xid: Mapped[int] = mapped_column(Xid8(), server_default=func.pg_current_xact_id())
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 # Core tables for the checkout's hot write paths: a Core INSERT or UPDATE skips the ORM's

@@ -1,8 +1,9 @@
 """Orders, their payments and their timeline. Status changes only ever move forward.
 
 `pending_payment` -> `paid` | `cancelled` | `expired`; `paid` -> `refunded`. Each change, its
-stock movement, its timeline entry and its outbox message are one transaction, so an order in a
-final state never has an active reservation, and no event is announced that did not happen.
+stock movement, its timeline entry and its event (core/events.py) are one transaction, under
+the order's row lock, so an order in a final state never has an active reservation, and no
+event is announced that did not happen.
 """
 
 from __future__ import annotations
@@ -23,17 +24,10 @@ from core.checkout_keys import CheckoutKeyStore
 from core.customers import customer_scope
 from core.db import SessionFactory, autocommit
 from core.errors import InvalidState, NotFound, TooManyPendingCheckouts
+from core.events import ORDER_COLUMNS, dedupe_key, payload_sql, write_event
 from core.ledger import StockLedger, merge_lines
-from core.models import (
-    ORDER_EVENTS,
-    ORDERS,
-    OUTBOX,
-    Order,
-    OrderEvent,
-    OrderItem,
-    Payment,
-)
-from core.vocabulary import OrderStatus, TimelineEvent
+from core.models import ORDER_EVENTS, ORDERS, Order, OrderEvent, OrderItem, Payment
+from core.vocabulary import EventType, OrderStatus, TimelineEvent
 
 PENDING = OrderStatus.PENDING_PAYMENT
 PAID = OrderStatus.PAID
@@ -86,34 +80,44 @@ async def add_event(
     return result.scalar_one_or_none() is not None
 
 
-async def add_outbox(
-    session: AsyncSession, topic: str, order_id: uuid.UUID, payload: dict[str, Any], key: str
-) -> None:
-    await session.execute(
-        insert(OUTBOX)
-        .values(topic=topic, aggregate_id=str(order_id), payload=payload, dedupe_key=key)
-        .on_conflict_do_nothing(index_elements=["dedupe_key"])
-    )
-
+# The payload's `items` from the `cart` CTE of _CREATE_ORDER.
+_CART_ITEMS = """(SELECT jsonb_agg(jsonb_build_object(
+                    'sku', c.sku, 'name', c.name, 'unit_price', c.unit_price,
+                    'quantity', c.quantity, 'line_total', c.line_total) ORDER BY c.sku)
+                  FROM cart c)"""
+# Built from the statements' own rows and parameters: nothing the payload needs costs a query.
+_CREATED_PAYLOAD = payload_sql(
+    "new_order", items=_CART_ITEMS, payment_intent_id="NULL::text", reason="NULL::text"
+)
+_PAID_PAYLOAD = payload_sql(
+    "paid", payment_intent_id="CAST(:intent_id AS text)", reason="NULL::text"
+)
 
 # The hot writes are one statement each (data-modifying CTEs): one round trip instead of one
 # per table, and for the order, the row locks on its stock are held for less time. JSON values
 # arrive as text and are cast.
 
-# The order, its lines with their product snapshots, its first timeline entries and its outbox
-# message; nothing but the order's id comes back, and nothing at all if a concurrent duplicate
-# created the order first (then the other inserts, which select from `new_order`, add nothing).
+# The order, its lines with their product snapshots, its first timeline entries and its
+# `order.created` event (sequence 1, its payload built from the cart's parameters: the lines
+# inserted by this statement are not visible to it); nothing but the order's id comes back, and
+# nothing at all if a concurrent duplicate created the order first (then the other inserts,
+# which select from `new_order`, add nothing).
 _CREATE_ORDER = text(
-    """
+    f"""
     WITH new_order AS (
         INSERT INTO orders (id, checkout_id, status, customer_email, customer_user_id,
                             customer_scope, currency, subtotal, discount, tax, shipping, total,
-                            metadata, expires_at)
+                            metadata, expires_at, event_sequence)
         VALUES (:order_id, :checkout_id, 'pending_payment', :email, :user_id, :scope,
                 :currency, :subtotal, 0, 0, 0, :subtotal, CAST(:metadata AS jsonb),
-                :expires_at)
+                :expires_at, 1)
         ON CONFLICT (checkout_id) DO NOTHING
-        RETURNING id
+        RETURNING {ORDER_COLUMNS}
+    ), cart AS (
+        SELECT * FROM unnest(CAST(:skus AS text[]), CAST(:names AS text[]),
+                             CAST(:prices AS bigint[]), CAST(:quantities AS int[]),
+                             CAST(:line_totals AS bigint[]))
+             AS l(sku, name, unit_price, quantity, line_total)
     ), lines AS (
         INSERT INTO order_items (order_id, sku, name, unit_price, quantity, line_total,
                                  product_snapshot)
@@ -121,10 +125,7 @@ _CREATE_ORDER = text(
                -- The product as sold; the catalog may change afterwards.
                jsonb_build_object('sku', l.sku, 'name', l.name, 'unit_price', l.unit_price,
                                   'currency', CAST(:currency AS text))
-        FROM new_order, unnest(CAST(:skus AS text[]), CAST(:names AS text[]),
-                               CAST(:prices AS bigint[]), CAST(:quantities AS int[]),
-                               CAST(:line_totals AS bigint[]))
-             AS l(sku, name, unit_price, quantity, line_total)
+        FROM new_order, cart AS l
     ), timeline AS (
         INSERT INTO order_events (order_id, type, data, dedupe_key)
         SELECT new_order.id, e.type, CAST(e.data AS jsonb), e.dedupe_key
@@ -134,14 +135,15 @@ _CREATE_ORDER = text(
         -- Both have the same `at`; ids in this order keep the timeline in this order.
         ORDER BY e.position
     ), announced AS (
-        INSERT INTO outbox (topic, aggregate_id, payload, dedupe_key)
-        SELECT 'order.created', CAST(new_order.id AS text), CAST(:announcement AS jsonb),
+        -- No ON CONFLICT: the order's insert gates this one, and a conflict here would leave
+        -- the order without its sequence 1; the constraint fails it instead.
+        INSERT INTO outbox (event_type, aggregate_id, sequence, payload, dedupe_key)
+        SELECT 'order.created', new_order.id, new_order.event_sequence, {_CREATED_PAYLOAD},
                :announcement_key
         FROM new_order
-        ON CONFLICT (dedupe_key) DO NOTHING
     )
     SELECT id FROM new_order
-    """
+    """  # noqa: S608 - constant SQL, assembled at import
 )
 
 # The checkout's own order (if it has one yet) and, under the customer's lock, how many of
@@ -172,11 +174,15 @@ _ATTACH_PAYMENT = text(
     """
 )
 
-# Run under the order's row lock, after the stock is committed.
+# Run under the order's row lock, after the stock is committed: the order, its payment, its
+# timeline entry and its `order.paid` event with the next sequence.
 _MARK_PAID = text(
-    """
+    f"""
     WITH paid AS (
-        UPDATE orders SET status = 'paid', updated_at = now() WHERE id = :order_id
+        UPDATE orders SET status = 'paid', event_sequence = event_sequence + 1,
+                          updated_at = now()
+        WHERE id = :order_id
+        RETURNING {ORDER_COLUMNS}
     ), payment AS (
         UPDATE payments SET status = :intent_status, updated_at = now()
         WHERE payment_intent_id = :intent_id
@@ -185,11 +191,11 @@ _MARK_PAID = text(
         VALUES (:order_id, 'paid', CAST(:data AS jsonb), :key)
         ON CONFLICT (dedupe_key) DO NOTHING
     )
-    INSERT INTO outbox (topic, aggregate_id, payload, dedupe_key)
-    VALUES ('order.paid', CAST(:order_id AS text), CAST(:announcement AS jsonb),
-            :announcement_key)
-    ON CONFLICT (dedupe_key) DO NOTHING
-    """
+    INSERT INTO outbox (event_type, aggregate_id, sequence, payload, dedupe_key)
+    SELECT 'order.paid', paid.id, paid.event_sequence, {_PAID_PAYLOAD},
+           :announcement_key
+    FROM paid
+    """  # noqa: S608 - constant SQL, assembled at import
 )
 
 
@@ -293,10 +299,7 @@ class OrderStore:
                 "reserved_key": f"{new.order_id}:reserved",
                 "created": json.dumps(totals),
                 "created_key": f"{new.order_id}:created",
-                "announcement": json.dumps(
-                    {"order_id": str(new.order_id), "checkout_id": str(new.checkout_id), **totals}
-                ),
-                "announcement_key": f"{new.order_id}:order.created",
+                "announcement_key": dedupe_key(new.order_id, EventType.ORDER_CREATED),
             },
         )
         # Nothing came back: a concurrent duplicate created the order first.
@@ -333,9 +336,33 @@ class OrderStore:
     async def record_event(
         self, order_id: uuid.UUID, type: str, data: dict[str, Any], dedupe_key: str
     ) -> bool:
+        """Append to the order's timeline once per `dedupe_key`; True if it was new. A declined
+        payment attempt also writes its `order.payment_failed` event, once per attempt."""
+        if type == TimelineEvent.PAYMENT_FAILED:
+            return await self._record_failed_attempt(order_id, data, dedupe_key)
         async with self._sessions() as session:
             await autocommit(session)
             return await add_event(session, order_id, type, data, dedupe_key)
+
+    async def _record_failed_attempt(
+        self, order_id: uuid.UUID, data: dict[str, Any], key: str
+    ) -> bool:
+        async with self._sessions.begin() as session:
+            # The row lock before any write, as for every event (see core/event_feed.py).
+            status = await self._lock_status(session, order_id)
+            new = await add_event(session, order_id, TimelineEvent.PAYMENT_FAILED, data, key)
+            if new and status == PENDING:
+                message = data.get("message")
+                await write_event(
+                    session,
+                    order_id,
+                    EventType.ORDER_PAYMENT_FAILED,
+                    status=PENDING,
+                    expected=(PENDING,),
+                    reason=message if isinstance(message, str) else None,
+                    dedupe_key=dedupe_key(order_id, EventType.ORDER_PAYMENT_FAILED, key),
+                )
+        return new
 
     async def mark_paid(
         self,
@@ -371,10 +398,7 @@ class OrderStore:
                         {"payment_intent_id": intent_id, "amount": amount, "currency": currency}
                     ),
                     "key": f"{order_id}:paid",
-                    "announcement": json.dumps(
-                        {"order_id": str(order_id), "amount": amount, "currency": currency}
-                    ),
-                    "announcement_key": f"{order_id}:order.paid",
+                    "announcement_key": dedupe_key(order_id, EventType.ORDER_PAID),
                 },
             )
         return PAID
@@ -407,7 +431,19 @@ class OrderStore:
                 await CheckoutKeyStore.release(session, checkout_id)
             if order is None:
                 return CANCELLED
-            order.status = status
+            event_type = (
+                EventType.ORDER_CANCELLED if status == CANCELLED else EventType.ORDER_EXPIRED
+            )
+            changed = await write_event(
+                session,
+                order_id,
+                event_type,
+                status=OrderStatus(status),
+                expected=(PENDING,),
+                reason=reason,
+                dedupe_key=dedupe_key(order_id, event_type),
+            )
+            assert changed, "the order is locked and pending"
             if intent_status is not None:
                 await session.execute(
                     update(Payment).where(Payment.order_id == order_id).values(status=intent_status)
@@ -418,13 +454,6 @@ class OrderStore:
             await add_event(session, order_id, status, {"reason": reason}, f"{order_id}:{status}")
             for type, data in timeline:
                 await add_event(session, order_id, type, data, f"{order_id}:{type}")
-            await add_outbox(
-                session,
-                f"order.{status}",
-                order_id,
-                {"order_id": str(order_id), "reason": reason},
-                f"{order_id}:order.{status}",
-            )
         return status
 
     async def mark_refunded(
@@ -446,32 +475,48 @@ class OrderStore:
                 payment.amount_refunded = min(refunded_amount, payment.amount)
             full = payment is not None and refunded_amount >= payment.amount
             data = {"amount_refunded": refunded_amount, "source": source, "reference": reference}
+            status = order.status
             if not full:
-                await add_event(
+                new = await add_event(
                     session,
                     order_id,
                     TimelineEvent.PARTIALLY_REFUNDED,
                     data,
                     f"{order_id}:refund:{reference}",
                 )
-                return order.status
-            if order.status == PAID:
+                if new and status == PAID:
+                    # Announced once per refund; the order stays paid.
+                    await write_event(
+                        session,
+                        order_id,
+                        EventType.ORDER_PARTIALLY_REFUNDED,
+                        status=PAID,
+                        expected=(PAID,),
+                        reason=source,
+                        dedupe_key=dedupe_key(
+                            order_id, EventType.ORDER_PARTIALLY_REFUNDED, reference
+                        ),
+                    )
+                return status
+            if status == PAID:
                 await self._ledger.restock(order.checkout_id, session=session)
-                order.status = REFUNDED
+                await write_event(
+                    session,
+                    order_id,
+                    EventType.ORDER_REFUNDED,
+                    status=REFUNDED,
+                    expected=(PAID,),
+                    reason=source,
+                    dedupe_key=dedupe_key(order_id, EventType.ORDER_REFUNDED),
+                )
+                status = REFUNDED
                 assert payment is not None
                 payment.status = REFUNDED
-                await add_outbox(
-                    session,
-                    "order.refunded",
-                    order_id,
-                    {"order_id": str(order_id), "amount": refunded_amount},
-                    f"{order_id}:order.refunded",
-                )
-            if order.status == REFUNDED:
+            if status == REFUNDED:
                 await add_event(
                     session, order_id, TimelineEvent.REFUNDED, data, f"{order_id}:refunded"
                 )
-            return order.status
+            return status
 
     async def record_late_refund(
         self, order_id: uuid.UUID, *, intent_id: str, amount: int, refund_id: str
@@ -575,6 +620,15 @@ class OrderStore:
         if status is None:
             raise NotFound(f"no order {order_id}", details={"order_id": str(order_id)})
         return status
+
+    @staticmethod
+    async def _lock_status(session: AsyncSession, order_id: uuid.UUID) -> str:
+        status = await session.scalar(
+            select(ORDERS.c.status).where(ORDERS.c.id == order_id).with_for_update()
+        )
+        if status is None:
+            raise NotFound(f"no order {order_id}", details={"order_id": str(order_id)})
+        return str(status)
 
     @staticmethod
     async def _lock(session: AsyncSession, order_id: uuid.UUID) -> Order:

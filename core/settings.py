@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -61,6 +61,21 @@ class DatabaseSettings(BaseSettings):
         return url
 
 
+class EventSettings(DatabaseSettings):
+    """What the outbox relay needs (`python -m core.relay`): the database and the broker."""
+
+    # `amqp://user:pass@host:port/vhost`. Unset: no relay runs; events are kept in the outbox
+    # (served by GET /admin/events) and go out, oldest first, once a relay runs.
+    rabbitmq_url: SecretStr | None = None
+    # The durable topic exchange events are published to (declared by the relay).
+    events_exchange: str = Field(default="checkout.events", min_length=1, max_length=255)
+
+    @field_validator("rabbitmq_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
 def _weakness(value: str, minimum: int) -> str | None:
     """Why a secret must not be used outside development, or None."""
     if not value.strip():
@@ -73,7 +88,7 @@ def _weakness(value: str, minimum: int) -> str | None:
     return None
 
 
-class Settings(DatabaseSettings):
+class Settings(EventSettings):
     # Anything but exactly `development` is treated as production: secrets fail closed.
     environment: str = "production"
 
@@ -223,8 +238,20 @@ class Settings(DatabaseSettings):
 def load_settings() -> Settings:
     """Settings for a process's `main()`: a configuration error names the variable and exits 2
     instead of starting on a bad or missing secret."""
+    return _load(Settings)
+
+
+def load_event_settings() -> EventSettings:
+    """The relay's settings (no service secrets), with the same error handling."""
+    return _load(EventSettings)
+
+
+_S = TypeVar("_S", bound=BaseSettings)
+
+
+def _load(cls: type[_S]) -> _S:
     try:
-        return Settings()
+        return cls()
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(part) for part in error.get("loc", ())) or "configuration"

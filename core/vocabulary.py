@@ -137,6 +137,18 @@ class TimelineEvent(StrEnum):
     RECONCILED = "reconciled"
 
 
+class EventType(StrEnum):
+    """The order events of `events.md`; each is also the routing key it is published under."""
+
+    ORDER_CREATED = "order.created"
+    ORDER_PAYMENT_FAILED = "order.payment_failed"
+    ORDER_PAID = "order.paid"
+    ORDER_CANCELLED = "order.cancelled"
+    ORDER_EXPIRED = "order.expired"
+    ORDER_REFUNDED = "order.refunded"
+    ORDER_PARTIALLY_REFUNDED = "order.partially_refunded"
+
+
 class ReconcileOutcome(StrEnum):
     """What the reconciler did with a checkout whose workflow no longer runs."""
 

@@ -10,7 +10,11 @@ workflow committing the stock and marking the order paid. It prints:
 - p50/p95/p99 of POST /checkout, and of payment-to-paid (confirm answered -> order paid,
   from the order's `paid` timeline entry; one clock, one machine);
 - CPU seconds per completed checkout, summed over the stack's processes (API, worker,
-  Temporal, PostgreSQL and its backends, stand-in), and how they split.
+  Temporal, PostgreSQL and its backends, stand-in), and how they split;
+- with a broker (RABBITMQ_URL, or one on 127.0.0.1:5672, as `make run` finds it), the publish
+  lag of the level's order events, p50/p99 from commit (`occurred_at`) to the broker's confirm
+  (`published_at`), both PostgreSQL's clock. The bench binds a queue of its own to an exchange
+  of its own (so the events are routable) and drains it.
 
 The load generator (this process) is not counted. Then, on the same dev server, the floor: the
 checkout workflow's Temporal skeleton with no-op activities (devtools/bench_floor.py), which no
@@ -23,16 +27,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import aio_pika
 import aiohttp
 import psutil
 import psycopg
@@ -147,12 +154,76 @@ async def _wait_paid(db_url: str, order_ids: list[str], timeout: float) -> dict[
             await asyncio.sleep(0.05)
 
 
+class EventDrain:
+    """A queue of the bench's own, bound to every event type of its exchange, emptied as the
+    relay fills it: without a queue bound the broker could route nothing."""
+
+    def __init__(self, url: str, exchange: str) -> None:
+        self.url, self.exchange = url, exchange
+        self.queue = f"{exchange}.drain"
+        self.received = 0
+
+    async def declare(self) -> None:
+        async with await aio_pika.connect(self.url, timeout=10) as connection:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange(
+                self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            queue = await channel.declare_queue(self.queue, durable=True)
+            await queue.bind(exchange, routing_key="#")
+
+    async def drain(self, until: asyncio.Event) -> None:
+        async with await aio_pika.connect(self.url, timeout=10) as connection:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=500)
+            queue = await channel.get_queue(self.queue)
+
+            async def count(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                self.received += 1
+
+            tag = await queue.consume(count, no_ack=True)
+            await until.wait()
+            await queue.cancel(tag)
+
+    async def delete(self) -> None:
+        async with await aio_pika.connect(self.url, timeout=10) as connection:
+            channel = await connection.channel()
+            await channel.queue_delete(self.queue)
+            await channel.exchange_delete(self.exchange)
+
+
+async def _publish_lag(db_url: str, order_ids: list[str], timeout: float) -> list[float]:
+    """Milliseconds from commit to the broker's confirm of every event of these orders, once
+    all are published (or the timeout passed: then of those that are)."""
+    deadline = time.monotonic() + timeout
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        while True:
+            rows = await (
+                await conn.execute(
+                    "SELECT extract(epoch FROM published_at - occurred_at) * 1000"
+                    " FROM outbox WHERE aggregate_id = ANY(%s::uuid[])",
+                    (order_ids,),
+                )
+            ).fetchall()
+            lags = [float(row[0]) for row in rows if row[0] is not None]
+            if (rows and len(lags) == len(rows)) or time.monotonic() > deadline:
+                return lags
+            await asyncio.sleep(0.05)
+
+
 async def _run_level(
-    stack: Stack, db_url: str, concurrency: int, per_client: int, cpu: Cpu
-) -> tuple[Level, dict[str, float], int, float]:
+    stack: Stack,
+    db_url: str,
+    concurrency: int,
+    per_client: int,
+    cpu: Cpu,
+    events: EventDrain | None,
+) -> tuple[Level, dict[str, float], int, float, list[float]]:
     api = f"http://127.0.0.1:{stack.ports.api}"
     stripe = f"http://127.0.0.1:{stack.ports.stripe}"
     connector = aiohttp.TCPConnector(limit=concurrency * 3)
+    done_draining = asyncio.Event()
+    draining = asyncio.create_task(events.drain(done_draining)) if events else None
     async with aiohttp.ClientSession(connector=connector) as http:
         warm = Level(concurrency)
         await asyncio.gather(
@@ -171,11 +242,15 @@ async def _run_level(
         )
         paid = await _wait_paid(db_url, list(level.confirmed_at), 120)
         after = cpu.sample()
+    lags = await _publish_lag(db_url, list(paid), 60) if events else []
+    done_draining.set()
+    if draining is not None:
+        await draining
     used = {name: after[name] - before[name] for name in after}
     finished = max((at.timestamp() for at in paid.values()), default=time.time())
     level_paid = {oid: at.timestamp() - level.confirmed_at[oid] for oid, at in paid.items()}
     level.confirmed_at = level_paid  # now: order id -> seconds from confirm to paid
-    return level, used, len(paid), finished - level.started
+    return level, used, len(paid), finished - level.started, lags
 
 
 async def _seed(api: str) -> None:
@@ -246,17 +321,27 @@ def main() -> None:
     # All the load comes from this one address: a rate limit that fits it (each simulated
     # customer has one checkout at a time, so MAX_PENDING_CHECKOUTS keeps its default).
     os.environ["RATE_LIMIT_CHECKOUTS"] = "100000000/minute"
+    # An exchange of the bench's own on whatever broker `make run` would use: other stacks on
+    # the same broker neither see its events nor send it theirs.
+    os.environ["EVENTS_EXCHANGE"] = f"checkout.events.bench-{uuid.uuid4().hex[:8]}"
 
     with tempfile.TemporaryDirectory(prefix="checkout-bench-") as tmp:
         ports = Ports(
             api=_free_port(), postgres=_free_port(), temporal=_free_port(),
             temporal_ui=_free_port(), stripe=_free_port(),
+            rabbitmq=int(os.environ.get("DEV_RABBITMQ_PORT", "5672")),
         )  # fmt: skip
         stack = Stack(Path(tmp) / "data", ports, keep_stripe_state=False, quiet=True)
         try:
             print("starting the stack...", flush=True)
             stack.up()
             db_url = stack.env["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+            events = None
+            if stack.env.get("RABBITMQ_URL"):
+                events = EventDrain(stack.env["RABBITMQ_URL"], stack.env["EVENTS_EXCHANGE"])
+                asyncio.run(events.declare())
+            else:
+                print("no RabbitMQ: order events are kept, publish lag not measured")
             asyncio.run(_seed(f"http://127.0.0.1:{ports.api}"))
             cpu = Cpu(stack)
             rates: dict[int, float] = {}
@@ -266,8 +351,8 @@ def main() -> None:
             )
             for concurrency in [int(x) for x in args.levels.split(",")]:
                 per_client = args.checkouts_per_client or max(3, min(60, 600 // concurrency))
-                level, used, done, elapsed = asyncio.run(
-                    _run_level(stack, db_url, concurrency, per_client, cpu)
+                level, used, done, elapsed, lags = asyncio.run(
+                    _run_level(stack, db_url, concurrency, per_client, cpu, events)
                 )
                 rates[concurrency] = done / elapsed
                 ms = level.checkout_ms
@@ -282,6 +367,14 @@ def main() -> None:
                     + (f"  errors={level.errors}" if level.errors else ""),
                     flush=True,
                 )
+                if events is not None:
+                    print(
+                        f"{'':>4} events: {len(lags)} published, lag commit->confirm ms"
+                        f" p50 {_pct(lags, 50):.1f} p99 {_pct(lags, 99):.1f}"
+                        f" max {max(lags, default=float('nan')):.1f}"
+                        f" (drained {events.received} so far)",
+                        flush=True,
+                    )
             if args.floor_levels:
                 floor = _floor(stack, [int(x) for x in args.floor_levels.split(",")])
                 print()
@@ -295,6 +388,11 @@ def main() -> None:
             print(f"\nmachine: {os.cpu_count()} cores, shared by the stack and this load generator")
         finally:
             stack.supervisor.stop_all()
+            if stack.env.get("RABBITMQ_URL"):
+                with contextlib.suppress(Exception):
+                    asyncio.run(
+                        EventDrain(stack.env["RABBITMQ_URL"], stack.env["EVENTS_EXCHANGE"]).delete()
+                    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Starts what is not configured from outside (PostgreSQL unless DATABASE_URL is set, the Temporal
 dev server unless TEMPORAL_ADDRESS is set, the Stripe stand-in unless STRIPE_SECRET_KEY is
 set), applies migrations, then the worker and the API; waits until every part is healthy,
-prints where to look, and on Ctrl-C or SIGTERM stops every child it started.
+prints where to look, and on Ctrl-C or SIGTERM stops every child it started. Order events are
+published by the worker's relay when RABBITMQ_URL is set or a broker answers on
+127.0.0.1:5672; otherwise they are kept and served by GET /admin/events.
 Data lives under DATA_DIR (default .data/) and survives restarts.
 """
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from core.relay import safe_url
 from core.settings import DEV_ADMIN_TOKEN, DEV_STRIPE_SECRET_KEY, DEV_STRIPE_WEBHOOK_SECRET
 from devtools.postgres import EmbeddedPostgres, create_database
 from devtools.supervisor import Supervisor, wait_until
@@ -36,6 +39,8 @@ class Ports:
     temporal: int
     temporal_ui: int
     stripe: int
+    # Where `make run` looks for a RabbitMQ of this machine's own (not started by it).
+    rabbitmq: int = 5672
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -46,6 +51,7 @@ class Ports:
             temporal=int(env.get("DEV_TEMPORAL_PORT", "7233")),
             temporal_ui=int(env.get("DEV_TEMPORAL_UI_PORT", "8233")),
             stripe=int(env.get("DEV_STRIPE_PORT", "8420")),
+            rabbitmq=int(env.get("DEV_RABBITMQ_PORT", "5672")),
         )
 
 
@@ -88,6 +94,7 @@ class Stack:
         self._migrate()
         self._temporal()
         self._stripe()
+        self._events()
         self._worker()
         self._api()
 
@@ -163,6 +170,26 @@ class Stack:
         self.env["STRIPE_SECRET_KEY"] = DEV_STRIPE_SECRET_KEY
         self.env["STRIPE_API_BASE"] = base
         self.where.append(("Stripe stand-in", f"{base} (webhooks to {webhook_url})"))
+
+    def _events(self) -> None:
+        """The worker's relay publishes to RABBITMQ_URL, or to a broker found on this machine
+        (its default account, as Debian's package installs it)."""
+        exchange = self.env.get("EVENTS_EXCHANGE") or "checkout.events"
+        if self.env.get("RABBITMQ_URL"):
+            broker = f"{safe_url(self.env['RABBITMQ_URL'])} (RABBITMQ_URL)"
+        elif _port_open("127.0.0.1", self.ports.rabbitmq):
+            self.env["RABBITMQ_URL"] = f"amqp://guest:guest@127.0.0.1:{self.ports.rabbitmq}/"
+            broker = f"{safe_url(self.env['RABBITMQ_URL'])} (found running, guest)"
+        else:
+            self.where.append(
+                (
+                    "Order events",
+                    "kept in the outbox and served by GET /admin/events: no RabbitMQ "
+                    f"(set RABBITMQ_URL, or run one on 127.0.0.1:{self.ports.rabbitmq})",
+                )
+            )
+            return
+        self.where.append(("Order events", f"published to {broker}, topic exchange {exchange!r}"))
 
     def _worker(self) -> None:
         started = datetime.now(UTC)

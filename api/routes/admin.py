@@ -1,16 +1,31 @@
-"""Operator routes: the catalog and its stock."""
+"""Operator routes: the catalog and its stock, refunds, the feed of order events."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.routing import APIRoute
+from pydantic import Field, TypeAdapter
 
-from api.deps import CatalogDep, RefundsDep, bearer
-from api.schemas import SKU_PATTERN, ErrorBody, OrderStatusOut, ProductIn, ProductOut
+from api.deps import CatalogDep, EventsDep, RefundsDep, bearer
+from api.schemas import (
+    SKU_PATTERN,
+    ErrorBody,
+    EventOut,
+    EventsPage,
+    OrderStatusOut,
+    ProductIn,
+    ProductOut,
+    Text,
+)
+from core.errors import ErrorCode, ServiceError
+from core.event_feed import FeedPosition
 
 
 class AdminRoute(APIRoute):
@@ -80,3 +95,44 @@ async def put_product(sku: SkuPath, body: ProductIn, catalog: CatalogDep) -> Pro
 async def refund_order(order_id: uuid.UUID, refunds: RefundsDep) -> OrderStatusOut:
     """Refund a paid order in full: answers once Stripe refunded and the stock is back."""
     return OrderStatusOut(order_id=order_id, status=await refunds.refund(order_id))
+
+
+@router.get("/events", responses={422: {"model": ErrorBody, "description": "validation_error"}})
+async def list_events(
+    feed: EventsDep,
+    after: Annotated[
+        Text | None, Query(max_length=200, description="next_cursor of the previous page")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> EventsPage:
+    """Order events in commit order, each as the broker receives it, with its published_at."""
+    position = _decode(after)
+    events = await feed.page(position, limit)
+    return EventsPage(
+        events=[EventOut(**dict(e.body), published_at=e.published_at) for e in events],
+        next_cursor=_encode(events[-1].position if events else position),
+    )
+
+
+# The cursor is the (xid, id) of the last event served (core/event_feed.py), opaque to clients.
+_BIGINT = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
+_CURSOR = TypeAdapter(tuple[_BIGINT, _BIGINT])
+
+
+def _encode(position: FeedPosition) -> str:
+    raw = json.dumps([position.xid, position.id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode(cursor: str | None) -> FeedPosition:
+    if cursor is None:
+        return FeedPosition()
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        xid, id = _CURSOR.validate_json(raw)
+    except (ValueError, binascii.Error) as exc:  # pydantic's ValidationError is a ValueError
+        raise ServiceError(
+            "invalid cursor: pass next_cursor from the previous page",
+            code=ErrorCode.VALIDATION_ERROR,
+        ) from exc
+    return FeedPosition(xid, id)

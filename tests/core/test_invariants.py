@@ -60,7 +60,8 @@ async def test_each_broken_rule_is_reported(db: SessionFactory) -> None:
         order_id, intent_id="pi_2", status="succeeded", amount=1000, currency="usd"
     )
     # An order closed behind the ledger's back: final, still holding its reservation, with a
-    # succeeded payment; and stock whose reserved count drifted from its reservations.
+    # succeeded payment and no event for the change; and stock whose reserved count drifted
+    # from its reservations.
     await _sql(db, "UPDATE orders SET status = 'expired' WHERE id = :id", id=order_id)
     await _sql(db, "UPDATE stock SET reserved = reserved + 1 WHERE sku = 'mug'")
     other, _ = await _order(db, quantity=1)
@@ -73,4 +74,20 @@ async def test_each_broken_rule_is_reported(db: SessionFactory) -> None:
         "committed_matches_sold",
         "succeeded_intent_on_unpaid_order",
         "final_order_with_active_reservation",
+        "events_match_order",
     }
+
+
+async def test_an_order_whose_events_have_a_gap_is_reported(db: SessionFactory) -> None:
+    checkout_id, order_id = await _order(db)
+    await _order(db)
+    await OrderStore(db, StockLedger(db)).close(
+        checkout_id, order_id, status="cancelled", reason="test"
+    )
+    assert await check(db) == []
+    await _sql(db, "DELETE FROM outbox WHERE aggregate_id = :id AND sequence = 1", id=order_id)
+
+    violations = await check(db)
+
+    assert [v.rule for v in violations] == ["events_match_order"]
+    assert str(order_id) in violations[0].detail

@@ -92,10 +92,13 @@ async def events_by_order(db: SessionFactory) -> dict[uuid.UUID, list[tuple[str,
 
 
 async def outbox_by_order(db: SessionFactory) -> dict[str, list[tuple[str, str]]]:
-    """Each order's outbox messages as (topic, dedupe_key), in id order."""
+    """Each order's events as (type, dedupe_key), in sequence order (its ids' order too)."""
     messages: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for row in await query(db, "SELECT aggregate_id, topic, dedupe_key FROM outbox ORDER BY id"):
-        messages[row.aggregate_id].append((row.topic, row.dedupe_key))
+    for row in await query(
+        db,
+        "SELECT aggregate_id, event_type, dedupe_key FROM outbox ORDER BY aggregate_id, sequence",
+    ):
+        messages[str(row.aggregate_id)].append((row.event_type, row.dedupe_key))
     return messages
 
 
@@ -407,6 +410,6 @@ async def test_duplicate_payment_attachments_and_events_are_written_once(
     webhook = await query(db, "SELECT data FROM order_events WHERE type = 'webhook_received'")
     assert len(webhook) == 1 and webhook[0].data in ({"n": 1}, {"n": 2})
     assert await stock_levels(db) == {"mug": (10, 2)}
-    assert [tuple(row) for row in await query(db, "SELECT topic FROM outbox")] == [
+    assert [tuple(row) for row in await query(db, "SELECT event_type FROM outbox")] == [
         ("order.created",)
     ]

@@ -9,7 +9,7 @@ service refuses to start when a secret is missing, empty, a known placeholder or
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -124,6 +124,33 @@ class Settings(DatabaseSettings):
     # Requests larger than this are refused with 413 before their body is parsed.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 
+    # Observability (core/logs.py, core/tracing.py, api/metrics.py, core/metrics.py).
+    # `json`: one JSON object per line; `text`: for people. Unset: text in development only.
+    log_format: Literal["json", "text"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # The worker's Prometheus endpoint (the Temporal SDK's metrics and the worker's own, one
+    # endpoint served by the SDK's core); port 0: none.
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(default=9464, ge=0, le=65535)
+    # When set, GET /metrics wants `Authorization: Bearer <METRICS_TOKEN>`; unset, it is public
+    # like /healthz (it carries counts and route templates, never an id or customer data).
+    metrics_token: SecretStr | None = None
+    # OpenTelemetry is configured the SDK's own way, from OTEL_* variables that it reads itself
+    # (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER, ...): see
+    # core/tracing.py.
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lowercase_format(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip().lower() or None
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _uppercase_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
@@ -134,6 +161,13 @@ class Settings(DatabaseSettings):
     @property
     def development(self) -> bool:
         return self.environment == DEVELOPMENT
+
+    @property
+    def log_as_json(self) -> bool:
+        """JSON lines unless LOG_FORMAT says text, or, unset, in development."""
+        if self.log_format is None:
+            return not self.development
+        return self.log_format == "json"
 
     @model_validator(mode="after")
     def _secrets_fail_closed(self) -> Settings:

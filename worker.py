@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from temporalio.client import Client
+from temporalio.runtime import Runtime
 from temporalio.worker import Interceptor, UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -19,13 +20,16 @@ from activities.refunds import RefundActivities
 from core.checkout_keys import CheckoutKeyStore
 from core.db import SessionFactory, create_engine, create_session_factory
 from core.ledger import StockLedger
+from core.logs import configure_logging
+from core.metrics import ActivityTelemetry, WorkerMetrics
 from core.orders import OrderStore
 from core.reconciliation import ReconciliationStore
 from core.schedules import ensure_reconciler_schedule
 from core.sealing import Sealer
 from core.settings import Settings, load_settings
 from core.stripe_gateway import StripeGateway, create_gateway
-from core.temporal import connect
+from core.temporal import connect, create_runtime
+from core.tracing import Tracing
 from workflows.checkout import CheckoutWorkflow
 from workflows.reconciler import CancelLostCheckoutWorkflow, ReconcilerWorkflow
 from workflows.refund import LatePaymentWorkflow, RefundWorkflow
@@ -40,9 +44,14 @@ def build_worker(
     gateway: StripeGateway,
     interceptors: Sequence[Interceptor] = (),
 ) -> Worker:
+    # The client's runtime serves the metrics (a no-op meter when it has none configured).
+    runtime = client.service_client.config.runtime or Runtime.default()
+    metrics = WorkerMetrics(runtime.metric_meter)
     orders = OrderStore(sessions, StockLedger(sessions))
     order_activities = OrderActivities(orders)
-    payments = PaymentActivities(gateway, orders, Sealer(settings.secret_key.get_secret_value()))
+    payments = PaymentActivities(
+        gateway, orders, Sealer(settings.secret_key.get_secret_value()), metrics
+    )
     refunds = RefundActivities(gateway, orders)
     reconcile = ReconcileActivities(
         ReconciliationStore(sessions), CheckoutKeyStore(sessions), orders, payments, gateway, client
@@ -71,7 +80,8 @@ def build_worker(
             reconcile.forget_expired_keys,
         ],
         graceful_shutdown_timeout=timedelta(seconds=10),
-        interceptors=interceptors,
+        # Besides these, the client's (tracing) apply, outermost.
+        interceptors=[ActivityTelemetry(metrics), *interceptors],
         workflow_runner=workflow_runner(settings),
     )
 
@@ -87,13 +97,22 @@ def workflow_runner(settings: Settings) -> WorkflowRunner:
 
 
 async def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # The Stripe SDK logs every request and response at INFO: about 5 % of the worker's CPU
-    # under load (py-spy, `make bench`), and nothing an operator needs (errors still show).
-    logging.getLogger("stripe").setLevel(logging.WARNING)
     settings = load_settings()
+    configure_logging(settings, service="worker")
+    tracing = Tracing.from_environment("checkout-worker")
+    tracing.instrument_clients()
+    metrics_address = (
+        f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
+        if settings.worker_metrics_port
+        else None
+    )
+    try:
+        runtime = create_runtime(metrics_address=metrics_address)
+    except Exception as exc:  # the SDK's core says why in its own exception type
+        log.error("cannot serve metrics on %s (WORKER_METRICS_PORT): %s", metrics_address, exc)
+        raise SystemExit(2) from None
     engine = create_engine(settings)
-    client = await connect(settings)
+    client = await connect(settings, interceptors=[tracing.temporal_interceptor()], runtime=runtime)
     await ensure_reconciler_schedule(client, settings)
     gateway = create_gateway(settings)
     worker = build_worker(settings, client, create_session_factory(engine), gateway)
@@ -104,11 +123,16 @@ async def main() -> None:
         loop.add_signal_handler(sig, stop.set)
 
     async with worker:
-        log.info("worker polling task queue %r", settings.temporal_task_queue)
+        log.info(
+            "worker polling task queue %r; metrics on %s",
+            settings.temporal_task_queue,
+            f"http://{metrics_address}/metrics" if metrics_address else "no port",
+        )
         await stop.wait()
         log.info("shutting down: finishing running activities")
     await gateway.aclose()
     await engine.dispose()
+    tracing.shutdown()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,12 @@ RULES = PROJECT_ROOT / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = PROJECT_ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 DASHBOARD = PROJECT_ROOT / "deploy" / "grafana" / "checkout-dashboard.json"
 # Where the service's own metrics are named (the SDK's `temporal_*` come from its core).
-METRIC_SOURCES = ["api/metrics.py", "core/metrics.py", "workflows/checkout.py", "workflows/reconciler.py"]
+METRIC_SOURCES = [
+    "api/metrics.py",
+    "core/metrics.py",
+    "workflows/checkout.py",
+    "workflows/reconciler.py",
+]
 OUR_METRIC = re.compile(r"\b(?:checkout|http_request)_[a-z_]+")
 SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 
@@ -61,7 +66,9 @@ def test_rules_and_dashboard_name_metrics_the_service_exposes() -> None:
     source = "\n".join((PROJECT_ROOT / path).read_text() for path in METRIC_SOURCES)
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    used = {_base(name) for text in [RULES.read_text(), *exprs] for name in OUR_METRIC.findall(text)}
+    used = {
+        _base(name) for text in [RULES.read_text(), *exprs] for name in OUR_METRIC.findall(text)
+    }
     assert used
     missing = sorted(name for name in used if f'"{name}' not in source)
     assert missing == []

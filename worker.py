@@ -31,7 +31,7 @@ from core.stripe_gateway import StripeGateway, create_gateway
 from core.temporal import connect, create_runtime
 from core.tracing import Tracing
 from workflows.checkout import CheckoutWorkflow
-from workflows.reconciler import CancelLostCheckoutWorkflow, ReconcilerWorkflow
+from workflows.reconciler import ReconcilerWorkflow, SettleLostCheckoutWorkflow
 from workflows.refund import LatePaymentWorkflow, RefundWorkflow
 
 log = logging.getLogger("worker")
@@ -64,7 +64,7 @@ def build_worker(
             RefundWorkflow,
             LatePaymentWorkflow,
             ReconcilerWorkflow,
-            CancelLostCheckoutWorkflow,
+            SettleLostCheckoutWorkflow,
         ],
         activities=[
             order_activities.open_order,

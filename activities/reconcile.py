@@ -76,8 +76,10 @@ class StaleCheckouts(BaseModel):
 
 class SettleStaleCheckoutInput(BaseModel):
     checkout: StaleCheckout
-    # `cancelled` when its customer cancels it (POST /orders/{id}/cancel) with its run gone.
-    close_as: OrderStatus = OrderStatus.EXPIRED
+    # `cancelled` when its customer cancels it (POST /orders/{id}/cancel) with its run gone;
+    # None: pay it if Stripe says it succeeded, and otherwise leave it as it is (a payment
+    # webhook for a checkout whose run is gone).
+    close_as: OrderStatus | None = OrderStatus.EXPIRED
 
 
 class SettledCheckout(BaseModel):
@@ -156,6 +158,8 @@ class ReconcileActivities:
         if await self._orders.status(checkout.order_id) != OrderStatus.PENDING_PAYMENT:
             return self._done(checkout, ReconcileOutcome.SKIPPED, "the order was settled meanwhile")
 
+        if input.close_as is None:
+            return await self._pay_only(checkout)
         # Reads the PaymentIntent first and never cancels one whose payment won; without an id,
         # finds the intent by replaying its creation key, so none is left payable.
         intent = await self._payments.cancel_payment_intent(
@@ -190,12 +194,13 @@ class ReconcileActivities:
             # The money went back (refunded as a mismatch, or refunded already): expire.
             payment_status = PAYMENT_REFUNDED
 
-        cancelling = input.close_as == OrderStatus.CANCELLED
+        close_as = input.close_as
+        cancelling = close_as == OrderStatus.CANCELLED
         outcome = ReconcileOutcome.CANCELLED if cancelling else ReconcileOutcome.EXPIRED
         closed = await self._orders.close(
             checkout.checkout_id,
             checkout.order_id,
-            status=input.close_as,
+            status=close_as,
             reason=(
                 f"cancel requested; {_why(checkout.workflow_status)}"
                 if cancelling
@@ -205,12 +210,21 @@ class ReconcileActivities:
             # In the closing transaction, so a settled order always says who settled it.
             timeline=((TimelineEvent.RECONCILED, _entry(checkout, outcome, status)),),
         )
-        if closed != input.close_as:
+        if closed != close_as:
             return self._done(
                 checkout, ReconcileOutcome.SKIPPED, f"the order became {closed} meanwhile"
             )
         # Its `reconciled` entry was written by the closing transaction.
         return self._done(checkout, outcome, _why(checkout.workflow_status), status)
+
+    async def _pay_only(self, checkout: StaleCheckout) -> SettledCheckout:
+        """Pay the order if its PaymentIntent succeeded (as the saga does on that news)."""
+        if checkout.payment_intent_id is None:
+            return self._done(checkout, ReconcileOutcome.SKIPPED, "no PaymentIntent recorded")
+        settled = await self._pay(checkout, checkout.payment_intent_id)
+        if settled == OrderStatus.PAID:
+            return await self._reconciled(checkout, ReconcileOutcome.PAID, IntentStatus.SUCCEEDED)
+        return self._done(checkout, ReconcileOutcome.SKIPPED, f"not paid: {settled}")
 
     async def _pay(self, checkout: StaleCheckout, intent_id: str) -> str:
         """The saga's own `settle_payment` (Stripe's amount and currency must be the order's),

@@ -30,5 +30,9 @@ def lost_checkout_cancel_workflow_id(order_id: uuid.UUID | str) -> str:
     return f"cancel-{order_id}"
 
 
+def lost_checkout_payment_workflow_id(order_id: uuid.UUID | str) -> str:
+    return f"pay-{order_id}"
+
+
 def reconciler_workflow_id() -> str:
     return f"{RECONCILER_SCHEDULE_ID}-run"

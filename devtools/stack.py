@@ -26,7 +26,7 @@ from devtools.postgres import EmbeddedPostgres, create_database
 from devtools.supervisor import Supervisor, wait_until
 from devtools.temporal_server import start_dev_argv
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)

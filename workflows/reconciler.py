@@ -132,11 +132,15 @@ def _count(summary: ReconcileSummary, *, running: int) -> None:
 
 
 @workflow.defn
-class CancelLostCheckoutWorkflow:
-    """`cancel-{order_id}`: the customer cancels a pending order whose checkout's run is gone
-    (terminated, or its history deleted). Settles it as the saga would on cancel: the payment
-    wins if Stripe says it succeeded; else the PaymentIntent is cancelled, the stock released
-    and the order cancelled. The customer waits for the answer, so retries are bounded."""
+class SettleLostCheckoutWorkflow:
+    """A pending order whose checkout's run is gone (terminated, or its history deleted),
+    settled at once as its saga would have, instead of at the end of its window:
+
+    - `cancel-{order_id}`, its customer cancels it: the payment wins if Stripe says it
+      succeeded; else the PaymentIntent is cancelled, the stock released, the order cancelled;
+    - `pay-{order_id}`, Stripe says it was paid: the order is paid (nothing else is touched).
+
+    Someone waits for the answer, so retries are bounded."""
 
     @workflow.run
     async def run(self, input: SettleStaleCheckoutInput) -> SettledCheckout:
@@ -146,6 +150,11 @@ class CancelLostCheckoutWorkflow:
             input,
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=RETRY,
-            summary=f"cancel order {checkout.order_id}: its checkout's run is gone; the payment "
-            "wins if Stripe says it succeeded",
+            summary=(
+                f"cancel order {checkout.order_id}: its checkout's run is gone; the payment "
+                "wins if Stripe says it succeeded"
+                if input.close_as is not None
+                else f"pay order {checkout.order_id} if Stripe says it succeeded: its "
+                "checkout's run is gone"
+            ),
         )

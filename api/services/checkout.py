@@ -63,7 +63,7 @@ from workflows.models import (
     StartResult,
     Totals,
 )
-from workflows.reconciler import CancelLostCheckoutWorkflow
+from workflows.reconciler import SettleLostCheckoutWorkflow
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ class CheckoutService:
         )
         try:
             await self._client.execute_workflow(
-                CancelLostCheckoutWorkflow.run,
+                SettleLostCheckoutWorkflow.run,
                 SettleStaleCheckoutInput(checkout=checkout, close_as=OrderStatus.CANCELLED),
                 id=lost_checkout_cancel_workflow_id(order.id),
                 task_queue=self._task_queue,

@@ -16,6 +16,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.reconcile import SettleStaleCheckoutInput, StaleCheckout
 from activities.refunds import LatePaymentInput
 from api.metrics import ApiMetrics
 from api.services.checkout import temporal_unavailable
@@ -32,9 +33,14 @@ from core.vocabulary import (
     WebhookOutcome,
 )
 from core.webhook_events import Receipt, WebhookEventStore
-from core.workflow_ids import checkout_workflow_id, late_payment_workflow_id
+from core.workflow_ids import (
+    checkout_workflow_id,
+    late_payment_workflow_id,
+    lost_checkout_payment_workflow_id,
+)
 from workflows.checkout import CheckoutWorkflow
 from workflows.models import PaymentEvent
+from workflows.reconciler import SettleLostCheckoutWorkflow
 from workflows.refund import LatePaymentWorkflow
 
 log = logging.getLogger(__name__)
@@ -156,10 +162,14 @@ class WebhookInbox:
         return WebhookOutcome.ACTED
 
     async def _late_success(self, receipt: Receipt, intent_id: str) -> str:
-        """The checkout has ended: unless its order is paid, the money goes back."""
+        """The checkout's run has ended. Its order still pending: the run was terminated or
+        lost, and the payment is settled now as the saga would (the order paid, if Stripe
+        says so). Closed (cancelled, expired): its stock is gone, so the money goes back."""
         assert receipt.order_id is not None
         if receipt.order_status in (OrderStatus.PAID, OrderStatus.REFUNDED):
             return WebhookOutcome.DUPLICATE
+        if receipt.order_status == OrderStatus.PENDING_PAYMENT:
+            return await self._pay_lost(receipt, intent_id)
         try:
             await self._client.start_workflow(
                 LatePaymentWorkflow.run,
@@ -177,6 +187,34 @@ class WebhookInbox:
         except RPCError as exc:
             raise temporal_unavailable(exc) from exc
         return WebhookOutcome.LATE_PAYMENT_REFUND
+
+    async def _pay_lost(self, receipt: Receipt, intent_id: str) -> str:
+        assert receipt.order_id is not None
+        assert receipt.checkout_id is not None
+        order = (await self._orders.get(receipt.order_id)).order
+        checkout = StaleCheckout(
+            checkout_id=receipt.checkout_id,
+            order_id=receipt.order_id,
+            amount=order.total,
+            currency=order.currency,
+            payment_intent_id=intent_id,
+            expires_at=order.expires_at or order.created_at,
+            workflow_status="NOT_FOUND",
+        )
+        try:
+            await self._client.start_workflow(
+                SettleLostCheckoutWorkflow.run,
+                SettleStaleCheckoutInput(checkout=checkout, close_as=None),
+                id=lost_checkout_payment_workflow_id(receipt.order_id),
+                task_queue=self._task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                static_summary=f"Payment of order {receipt.order_id}, whose checkout's run is gone",
+            )
+        except WorkflowAlreadyStartedError:
+            pass
+        except RPCError as exc:
+            raise temporal_unavailable(exc) from exc
+        return WebhookOutcome.ACTED
 
     async def _refunded(self, receipt: Receipt, obj: dict[str, Any]) -> str:
         """Acts on Stripe's own charge, read back: a forged or stale event refunds nothing."""

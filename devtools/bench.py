@@ -246,6 +246,8 @@ def main() -> None:
     # All the load comes from this one address: a rate limit that fits it (each simulated
     # customer has one checkout at a time, so MAX_PENDING_CHECKOUTS keeps its default).
     os.environ["RATE_LIMIT_CHECKOUTS"] = "100000000/minute"
+    # The worker's metrics endpoint on a port of its own: a `make run` may hold the default.
+    os.environ.setdefault("WORKER_METRICS_PORT", str(_free_port()))
 
     with tempfile.TemporaryDirectory(prefix="checkout-bench-") as tmp:
         ports = Ports(

@@ -108,7 +108,7 @@ async def main() -> None:
     )
     try:
         runtime = create_runtime(metrics_address=metrics_address)
-    except Exception as exc:  # the SDK's core says why in its own exception type
+    except ValueError as exc:  # the SDK says why (the port is taken, say)
         log.error("cannot serve metrics on %s (WORKER_METRICS_PORT): %s", metrics_address, exc)
         raise SystemExit(2) from None
     engine = create_engine(settings)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import uvicorn
+from temporalio.runtime import Runtime
 
 from api.app import create_app
 from core.logs import configure_logging
 from core.settings import load_settings
+from core.temporal import create_runtime
 from core.tracing import Tracing
 
 
 def main() -> None:
     settings = load_settings()
     configure_logging(settings, service="api")
+    # The Temporal client's core logs through Python logging too (no metrics endpoint here:
+    # the API's metrics are its own, at /metrics).
+    Runtime.set_default(create_runtime())
     tracing = Tracing.from_environment("checkout-api")
     tracing.instrument_clients()
     uvicorn.run(

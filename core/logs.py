@@ -115,8 +115,9 @@ def json_formatter(service: str) -> logging.Formatter:
         rename_fields={"levelname": "level", "name": "logger"},
         static_fields={"service": service},
         timestamp="time",
-        # Core's forwarded records carry their raw entry too; its message is the line.
-        reserved_attrs=[*RESERVED_ATTRS, "temporal_log", "ids"],
+        # Not fields: the raw entry of Core's forwarded records (its message is the line), and
+        # uvicorn's message again with terminal colours.
+        reserved_attrs=[*RESERVED_ATTRS, "temporal_log", "color_message", "ids"],
     )
 
 

@@ -43,10 +43,13 @@ def build_worker(
     sessions: SessionFactory,
     gateway: StripeGateway,
     interceptors: Sequence[Interceptor] = (),
+    metrics: WorkerMetrics | None = None,
 ) -> Worker:
-    # The client's runtime serves the metrics (a no-op meter when it has none configured).
-    runtime = client.service_client.config.runtime or Runtime.default()
-    metrics = WorkerMetrics(runtime.metric_meter)
+    """`metrics` defaults to the client's runtime's (a no-op meter when it has no metrics
+    configured); pass one to share it (the outbox relay's publish lag)."""
+    if metrics is None:
+        runtime = client.service_client.config.runtime or Runtime.default()
+        metrics = WorkerMetrics(runtime.metric_meter)
     orders = OrderStore(sessions, StockLedger(sessions))
     order_activities = OrderActivities(orders)
     payments = PaymentActivities(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from temporalio.client import Client
+from temporalio.runtime import Runtime
 from temporalio.worker import Interceptor, UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -19,6 +20,8 @@ from activities.refunds import RefundActivities
 from core.checkout_keys import CheckoutKeyStore
 from core.db import SessionFactory, create_engine, create_session_factory
 from core.ledger import StockLedger
+from core.logs import configure_logging
+from core.metrics import ActivityTelemetry, WorkerMetrics
 from core.orders import OrderStore
 from core.reconciliation import ReconciliationStore
 from core.relay import Relay, quiet_amqp_logs
@@ -26,7 +29,8 @@ from core.schedules import ensure_reconciler_schedule
 from core.sealing import Sealer
 from core.settings import Settings, load_settings
 from core.stripe_gateway import StripeGateway, create_gateway
-from core.temporal import connect
+from core.temporal import connect, create_runtime
+from core.tracing import Tracing
 from workflows.checkout import CheckoutWorkflow
 from workflows.reconciler import ReconcilerWorkflow, SettleLostCheckoutWorkflow
 from workflows.refund import LatePaymentWorkflow, RefundWorkflow
@@ -40,10 +44,18 @@ def build_worker(
     sessions: SessionFactory,
     gateway: StripeGateway,
     interceptors: Sequence[Interceptor] = (),
+    metrics: WorkerMetrics | None = None,
 ) -> Worker:
+    """`metrics` defaults to the client's runtime's (a no-op meter when it has no metrics
+    configured); pass one to share it (the outbox relay's publish lag)."""
+    if metrics is None:
+        runtime = client.service_client.config.runtime or Runtime.default()
+        metrics = WorkerMetrics(runtime.metric_meter)
     orders = OrderStore(sessions, StockLedger(sessions))
     order_activities = OrderActivities(orders)
-    payments = PaymentActivities(gateway, orders, Sealer(settings.secret_key.get_secret_value()))
+    payments = PaymentActivities(
+        gateway, orders, Sealer(settings.secret_key.get_secret_value()), metrics
+    )
     refunds = RefundActivities(gateway, orders)
     reconcile = ReconcileActivities(
         ReconciliationStore(sessions), CheckoutKeyStore(sessions), orders, payments, gateway, client
@@ -72,7 +84,8 @@ def build_worker(
             reconcile.forget_expired_keys,
         ],
         graceful_shutdown_timeout=timedelta(seconds=10),
-        interceptors=interceptors,
+        # Besides these, the client's (tracing) apply, outermost.
+        interceptors=[ActivityTelemetry(metrics), *interceptors],
         workflow_runner=workflow_runner(settings),
     )
 
@@ -88,17 +101,29 @@ def workflow_runner(settings: Settings) -> WorkflowRunner:
 
 
 async def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # The Stripe SDK logs every request and response at INFO: about 5 % of the worker's CPU
-    # under load (py-spy, `make bench`), and nothing an operator needs (errors still show).
-    logging.getLogger("stripe").setLevel(logging.WARNING)
-    quiet_amqp_logs()
     settings = load_settings()
+    configure_logging(settings, service="worker")
+    quiet_amqp_logs()
+    tracing = Tracing.from_environment("checkout-worker")
+    tracing.instrument_clients()
+    metrics_address = (
+        f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
+        if settings.worker_metrics_port
+        else None
+    )
+    try:
+        runtime = create_runtime(metrics_address=metrics_address)
+    except ValueError as exc:  # the SDK says why (the port is taken, say)
+        log.error("cannot serve metrics on %s (WORKER_METRICS_PORT): %s", metrics_address, exc)
+        raise SystemExit(2) from None
     engine = create_engine(settings)
-    client = await connect(settings)
+    client = await connect(settings, interceptors=[tracing.temporal_interceptor()], runtime=runtime)
     await ensure_reconciler_schedule(client, settings)
     gateway = create_gateway(settings)
-    worker = build_worker(settings, client, create_session_factory(engine), gateway)
+    metrics = WorkerMetrics(runtime.metric_meter)
+    worker = build_worker(
+        settings, client, create_session_factory(engine), gateway, metrics=metrics
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -107,12 +132,20 @@ async def main() -> None:
 
     # The outbox relay shares the worker's process and engine (see the README's design
     # decisions); `python -m core.relay` runs the same code on its own.
-    relay = Relay.from_settings(settings, engine) if settings.rabbitmq_url else None
+    relay = (
+        Relay.from_settings(settings, engine, on_published=metrics.outbox_published)
+        if settings.rabbitmq_url
+        else None
+    )
     if relay is None:
         log.info("RABBITMQ_URL is not set: order events are kept, served by GET /admin/events")
 
     async with worker:
-        log.info("worker polling task queue %r", settings.temporal_task_queue)
+        log.info(
+            "worker polling task queue %r; metrics on %s",
+            settings.temporal_task_queue,
+            f"http://{metrics_address}/metrics" if metrics_address else "no port",
+        )
         publishing = asyncio.create_task(relay.run()) if relay else None
         if publishing is not None:
             # A relay that fails on a bug stops the worker (exit 1) rather than silently
@@ -125,6 +158,7 @@ async def main() -> None:
             await publishing
     await gateway.aclose()
     await engine.dispose()
+    tracing.shutdown()
 
 
 if __name__ == "__main__":

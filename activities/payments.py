@@ -4,6 +4,7 @@ derived from the checkout id and the step, so Temporal's retries never double an
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import stripe
 from pydantic import BaseModel
@@ -11,6 +12,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.refusals import refused_at_once
+from core.metrics import WorkerMetrics
 from core.orders import OrderStore
 from core.sealing import Sealer
 from core.stripe_gateway import Intent, StripeGateway
@@ -52,6 +54,8 @@ class SettleInput(BaseModel):
     payment_intent_id: str
     amount: int
     currency: str
+    # When the payment_intent.succeeded webhook reached the API (payment-to-paid latency).
+    payment_received_at: datetime | None = None
 
 
 class SettleResult(BaseModel):
@@ -78,10 +82,17 @@ def _non_retryable(exc: stripe.StripeError) -> ApplicationError | None:
 
 
 class PaymentActivities:
-    def __init__(self, gateway: StripeGateway, orders: OrderStore, sealer: Sealer) -> None:
+    def __init__(
+        self,
+        gateway: StripeGateway,
+        orders: OrderStore,
+        sealer: Sealer,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self._stripe = gateway
         self._orders = orders
         self._sealer = sealer
+        self._metrics = metrics
 
     async def _create(self, input: PaymentIntentInput) -> Intent:
         return await self._stripe.create_intent(
@@ -165,4 +176,6 @@ class PaymentActivities:
             amount=intent.amount,
             currency=intent.currency,
         )
+        if status == SettleOutcome.PAID and input.payment_received_at and self._metrics:
+            self._metrics.payment_to_paid(datetime.now(UTC) - input.payment_received_at)
         return SettleResult(outcome=status, intent=intent)

@@ -13,6 +13,8 @@ from api.client_address import ClientAddressMiddleware
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
+from api.metrics import ApiMetrics, OutboxBacklog, RequestTelemetry
+from api.metrics import router as metrics_router
 from api.ratelimit import CheckoutLimiter
 from api.routes import admin, checkout, health, inventory, orders, webhooks
 from api.services.checkout import CheckoutService
@@ -28,6 +30,7 @@ from core.sealing import Sealer
 from core.settings import Settings, load_settings
 from core.stripe_gateway import create_gateway
 from core.temporal import connect
+from core.tracing import Tracing
 from core.webhook_events import WebhookEventStore
 
 DESCRIPTION = """
@@ -41,19 +44,37 @@ Credentials (`Authorization: Bearer <token>`): the admin token, a customer JWT, 
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    tracing: Tracing | None = None,
+    metrics: ApiMetrics | None = None,
+) -> FastAPI:
+    """The app. `tracing` traces its requests and its Temporal calls (`python -m api` passes the
+    process's; without it nothing is traced); `metrics` defaults to a registry of its own."""
     settings = settings or load_settings()
+    metrics = metrics or ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
         sessions = create_session_factory(engine)
-        temporal = await connect(settings, lazy=True)
+        temporal = await connect(
+            settings,
+            lazy=True,
+            interceptors=[tracing.temporal_interceptor()] if tracing else [],
+        )
         gateway = create_gateway(settings)
         auth = Authenticator(settings)
         limiter = CheckoutLimiter(settings.rate_limit_checkouts, settings.redis_url)
         orders = OrderStore(sessions, StockLedger(sessions))
         access = OrderAccess(orders)
+        feed = EventFeed(sessions)
+
+        async def outbox_backlog() -> OutboxBacklog:
+            return OutboxBacklog(*await feed.backlog())
+
+        metrics.watch_outbox(outbox_backlog)
         app.state.services = Services(
             settings=settings,
             engine=engine,
@@ -61,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             temporal=temporal,
             auth=auth,
             limiter=limiter,
+            metrics=metrics,
             catalog=Catalog(sessions),
             orders=orders,
             access=access,
@@ -74,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 limiter,
                 gateway,
                 Sealer(settings.secret_key.get_secret_value()),
+                metrics,
             ),
             refunds=RefundService(temporal, settings, orders),
             webhooks=WebhookInbox(
@@ -82,8 +105,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 orders,
                 gateway,
                 settings.temporal_task_queue,
+                metrics,
             ),
-            events=EventFeed(sessions),
+            events=feed,
         )
         try:
             yield
@@ -99,11 +123,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Request ids and latencies; inside the next one, which may copy the scope, so that it
+    # sees the route the router records in it.
+    app.add_middleware(RequestTelemetry, metrics=metrics)
     # The client's address for rate limits: X-Forwarded-For only from TRUSTED_PROXIES.
     app.add_middleware(ClientAddressMiddleware, trusted_proxies=settings.trusted_proxies)
+    if tracing is not None:
+        tracing.instrument_app(app)
     app.include_router(health.router)
+    app.include_router(metrics_router)
     app.include_router(inventory.router)
     app.include_router(checkout.router)
     app.include_router(orders.router)

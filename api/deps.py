@@ -12,6 +12,7 @@ from temporalio.client import Client
 
 from api.access import OrderAccess
 from api.auth import Authenticator, Caller
+from api.metrics import ApiMetrics
 from api.ratelimit import CheckoutLimiter
 from api.services.checkout import CheckoutService
 from api.services.refund import RefundService
@@ -32,6 +33,7 @@ class Services:
     temporal: Client
     auth: Authenticator
     limiter: CheckoutLimiter
+    metrics: ApiMetrics
     catalog: Catalog
     orders: OrderStore
     access: OrderAccess

@@ -14,9 +14,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.metrics import route_of
 from core.errors import ErrorCode, RateLimited, ServiceError
 
 log = logging.getLogger(__name__)
+
+CHECKOUT_ROUTE = "/checkout"
 
 HTTP_STATUS: dict[str, int] = {
     ErrorCode.VALIDATION_ERROR: 422,
@@ -60,8 +63,21 @@ def error_response(
     return JSONResponse(body, status_code=status or HTTP_STATUS.get(code, 500), headers=headers)
 
 
-async def _service_error(_: Request, exc: Exception) -> JSONResponse:
+def _count(request: Request, code: str, exc: Exception | None = None) -> None:
+    """A refused POST /checkout, by its error code (and which limit, if it was one)."""
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is None or request.method != "POST" or route_of(request.scope) != CHECKOUT_ROUTE:
+        return
+    metrics.checkouts_refused.labels(code).inc()
+    if isinstance(exc, RateLimited):
+        metrics.rate_limited.labels(exc.limit).inc()
+    elif code == ErrorCode.TOO_MANY_PENDING_CHECKOUTS:
+        metrics.rate_limited.labels("pending").inc()
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
+    _count(request, exc.code, exc)
     headers = None
     if exc.code == ErrorCode.UNAUTHORIZED:
         headers = {"WWW-Authenticate": "Bearer"}
@@ -70,8 +86,9 @@ async def _service_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.code, exc.message, exc.details, headers=headers)
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    _count(request, ErrorCode.VALIDATION_ERROR)
     details = [
         {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
         for err in exc.errors()
@@ -82,8 +99,9 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(ErrorCode.VALIDATION_ERROR, message, details)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    _count(request, _STARLETTE_CODES.get(exc.status_code, ErrorCode.VALIDATION_ERROR))
     if exc.status_code == 400:
         # FastAPI's body reader says 400 for a body it cannot decode (bytes that are not
         # UTF-8, say); to a client that is malformed JSON, which the contract answers with 422.
@@ -96,13 +114,14 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     # Only connection-level failures are "unavailable"; a constraint violation is a bug and
     # must surface as one.
     if isinstance(exc, DBAPIError) and not (
         exc.connection_invalidated or _is_connection_error(exc)
     ):
-        return await _unexpected(_, exc)
+        return await _unexpected(request, exc)
+    _count(request, ErrorCode.UNAVAILABLE)
     log.warning("database unavailable: %s", exc)
     return error_response(ErrorCode.UNAVAILABLE, "the database cannot be reached; try again")
 
@@ -111,7 +130,8 @@ def _is_connection_error(exc: DBAPIError) -> bool:
     return isinstance(exc.orig, psycopg.OperationalError)
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    _count(request, ErrorCode.INTERNAL_ERROR)
     log.exception("unhandled error", exc_info=exc)
     return error_response(ErrorCode.INTERNAL_ERROR, "internal error; it has been logged")
 

@@ -110,6 +110,8 @@ class CheckoutLimiter:
         return RateLimited(
             f"too many checkouts (at most {item}); retry in {retry_after} s",
             retry_after=retry_after,
+            # Identities are `address:...` or `customer:...`.
+            limit=identity.partition(":")[0],
         )
 
     async def aclose(self) -> None:

@@ -125,10 +125,12 @@ class TooManyPendingCheckouts(ServiceError):
 
 
 class RateLimited(ServiceError):
-    """Too many requests; `retry_after` seconds until the next one is accepted."""
+    """Too many requests; `retry_after` seconds until the next one is accepted. `limit` says
+    whose budget ran out (`address`, `customer`), for the metrics."""
 
     code = ErrorCode.RATE_LIMITED
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
+    def __init__(self, message: str, *, retry_after: int, limit: str = "rate") -> None:
         super().__init__(message, details={"retry_after": retry_after})
         self.retry_after = retry_after
+        self.limit = limit

@@ -41,6 +41,14 @@ _PAGE = text(
 )
 
 
+# Served by the partial index of the unpublished rows.
+_BACKLOG = text(
+    "SELECT count(*) AS pending,"
+    " coalesce(extract(epoch FROM now() - min(occurred_at)), 0) AS oldest_age"
+    " FROM outbox WHERE published_at IS NULL"
+)
+
+
 @dataclass(frozen=True, order=True)
 class FeedPosition:
     """Where a reader is: the (xid, id) of the last event it got; (0, 0) before the first."""
@@ -76,3 +84,9 @@ class EventFeed:
             )
             for row in rows
         ]
+
+    async def backlog(self) -> tuple[int, float]:
+        """Events not yet published, and the age in seconds of the oldest (0 with none)."""
+        async with self._sessions() as session:
+            row = (await session.execute(_BACKLOG)).one()
+        return int(row.pending), float(row.oldest_age)

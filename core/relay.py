@@ -30,8 +30,9 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import aio_pika
@@ -45,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from yarl import URL
 
 from core.events import EventBody
+from core.logs import configure_logging
 from core.settings import EventSettings, load_event_settings
 
 log = logging.getLogger("relay")
@@ -77,6 +79,7 @@ _PUBLISHED = text(
     UPDATE outbox SET published_at = clock_timestamp(), attempts = attempts + 1,
                       last_error = NULL, retry_at = NULL
     WHERE id = ANY(CAST(:ids AS bigint[]))
+    RETURNING published_at - occurred_at AS lag
     """
 )
 
@@ -136,8 +139,12 @@ class Relay:
         rabbitmq_url: str,
         exchange: str,
         options: RelayOptions | None = None,
+        on_published: Callable[[timedelta], None] | None = None,
     ) -> None:
+        """`on_published` hears of each confirmed event's lag from commit to confirm (the
+        worker's `checkout_outbox_publish_lag_seconds`)."""
         self._engine = engine
+        self._on_published = on_published
         self._listen_url = listen_url
         self._rabbitmq_url = rabbitmq_url
         self._exchange_name = exchange
@@ -148,13 +155,20 @@ class Relay:
         self._reported_at = time.monotonic()
 
     @classmethod
-    def from_settings(cls, settings: EventSettings, engine: AsyncEngine) -> Relay:
+    def from_settings(
+        cls,
+        settings: EventSettings,
+        engine: AsyncEngine,
+        *,
+        on_published: Callable[[timedelta], None] | None = None,
+    ) -> Relay:
         assert settings.rabbitmq_url is not None
         return cls(
             engine,
             listen_url=libpq_url(settings.database_url),
             rabbitmq_url=settings.rabbitmq_url.get_secret_value(),
             exchange=settings.events_exchange,
+            on_published=on_published,
         )
 
     def stop(self) -> None:
@@ -251,8 +265,11 @@ class Relay:
                 else:
                     lost.append(outcome)
             if sent:
-                await conn.execute(_PUBLISHED, {"ids": sent})
+                marked = await conn.execute(_PUBLISHED, {"ids": sent})
                 self._published += len(sent)
+                if self._on_published is not None:
+                    for row in marked:
+                        self._on_published(row.lag)
             if refused:
                 await conn.execute(
                     _FAILED,
@@ -379,9 +396,9 @@ def quiet_amqp_logs() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    quiet_amqp_logs()
     settings = load_event_settings()
+    configure_logging(settings, service="relay")
+    quiet_amqp_logs()
     if settings.rabbitmq_url is None:
         print("RABBITMQ_URL is not set: there is nothing to publish to", file=sys.stderr)
         raise SystemExit(2)

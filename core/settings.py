@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -61,7 +61,42 @@ class DatabaseSettings(BaseSettings):
         return url
 
 
-class EventSettings(DatabaseSettings):
+class LogSettings(DatabaseSettings):
+    """What every process of the service reads, the relay's included: where it runs and how it
+    logs."""
+
+    # Anything but exactly `development` is treated as production: secrets fail closed.
+    environment: str = "production"
+    # `json`: one JSON object per line; `text`: for people. Unset: text in development only
+    # (core/logs.py).
+    log_format: Literal["json", "text"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lowercase_format(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip().lower() or None
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _uppercase_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @property
+    def development(self) -> bool:
+        return self.environment == DEVELOPMENT
+
+    @property
+    def log_as_json(self) -> bool:
+        """JSON lines unless LOG_FORMAT says text, or, unset, in development."""
+        if self.log_format is None:
+            return not self.development
+        return self.log_format == "json"
+
+
+class EventSettings(LogSettings):
     """What the outbox relay needs (`python -m core.relay`): the database and the broker."""
 
     # `amqp://user:pass@host:port/vhost`. Unset: no relay runs; events are kept in the outbox
@@ -89,9 +124,6 @@ def _weakness(value: str, minimum: int) -> str | None:
 
 
 class Settings(EventSettings):
-    # Anything but exactly `development` is treated as production: secrets fail closed.
-    environment: str = "production"
-
     database_pool_size: int = Field(default=10, ge=1)
     database_max_overflow: int = Field(default=20, ge=0)
 
@@ -176,16 +208,23 @@ class Settings(EventSettings):
             raise ValueError(f"{path} is not a readable file")
         return path
 
+    # The worker's Prometheus endpoint (the Temporal SDK's metrics and the worker's own, one
+    # endpoint served by the SDK's core); port 0: none.
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(default=9464, ge=0, le=65535)
+    # When set, GET /metrics wants `Authorization: Bearer <METRICS_TOKEN>`; unset, it is public
+    # like /healthz (it carries counts and route templates, never an id or customer data).
+    metrics_token: SecretStr | None = None
+    # OpenTelemetry is configured the SDK's own way, from OTEL_* variables that it reads itself
+    # (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER, ...): see
+    # core/tracing.py.
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
-
-    @property
-    def development(self) -> bool:
-        return self.environment == DEVELOPMENT
 
     @model_validator(mode="after")
     def _client_certificate_pairs(self) -> Settings:

@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from temporalio.api.enums.v1 import ResourceExhaustedCause
 from temporalio.api.errordetails.v1 import MultiOperationExecutionFailure, ResourceExhaustedFailure
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    PrometheusConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
+from core.metrics import HISTOGRAMS, LATENCY_BUCKETS
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -21,11 +30,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def connect(settings: Settings, *, lazy: bool = False) -> Client:
+async def connect(
+    settings: Settings,
+    *,
+    lazy: bool = False,
+    interceptors: Sequence[Interceptor] = (),
+    runtime: Runtime | None = None,
+) -> Client:
     """Connect to Temporal. `lazy` defers the connection to the first call, so the API can
     start (and report Temporal as down on /healthz) while the server is still coming up.
     Credentials (an API key, a client certificate) come from the settings, the same for the
-    API, the worker and the tools."""
+    API, the worker and the tools. `interceptors` (tracing) also apply to a worker built on
+    this client."""
     api_key = settings.temporal_api_key
     return await Client.connect(
         settings.temporal_address,
@@ -34,6 +50,32 @@ async def connect(settings: Settings, *, lazy: bool = False) -> Client:
         tls=tls_config(settings),
         data_converter=pydantic_data_converter,
         lazy=lazy,
+        interceptors=interceptors,
+        runtime=runtime,
+    )
+
+
+def create_runtime(*, metrics_address: str | None = None) -> Runtime:
+    """The SDK's runtime for a process: its core's log lines forwarded into Python logging (so
+    they come out formatted like every other line, see core/logs.py) and, given an address
+    (`host:port`), its metrics served there for Prometheus: the SDK's own (`temporal_*`) and
+    the worker's (`checkout_*`, core/metrics.py), with conventional names (`_total` on
+    counters, durations in seconds)."""
+    return Runtime(
+        telemetry=TelemetryConfig(
+            logging=LoggingConfig(
+                filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+                forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")),
+            ),
+            metrics=PrometheusConfig(
+                bind_address=metrics_address,
+                counters_total_suffix=True,
+                durations_as_seconds=True,
+                histogram_bucket_overrides={name: LATENCY_BUCKETS for name in HISTOGRAMS},
+            )
+            if metrics_address
+            else None,
+        )
     )
 
 

@@ -324,6 +324,8 @@ def main() -> None:
     # An exchange of the bench's own on whatever broker `make run` would use: other stacks on
     # the same broker neither see its events nor send it theirs.
     os.environ["EVENTS_EXCHANGE"] = f"checkout.events.bench-{uuid.uuid4().hex[:8]}"
+    # The worker's metrics endpoint on a port of its own: a `make run` may hold the default.
+    os.environ.setdefault("WORKER_METRICS_PORT", str(_free_port()))
 
     with tempfile.TemporaryDirectory(prefix="checkout-bench-") as tmp:
         ports = Ports(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -57,6 +57,8 @@ with workflow.unsafe.imports_passed_through():
 _T = TypeVar("_T")
 
 CHECKOUT_STATUS = SearchAttributeKey.for_keyword("CheckoutStatus")
+# On the worker's metrics endpoint as `checkout_completed_total{outcome}` (core/metrics.py).
+CHECKOUTS_COMPLETED = "checkout_completed"
 ORDER_ID = SearchAttributeKey.for_keyword("OrderId")
 CUSTOMER_EMAIL = SearchAttributeKey.for_keyword("CustomerEmail")
 
@@ -143,6 +145,7 @@ class CheckoutWorkflow:
         self._closing_as: tuple[str, str] = (CANCELLED, "")
         self._late_success = False
         self._refunded = False
+        self._ended = False
 
     # -- the saga ---------------------------------------------------------------------------
 
@@ -229,6 +232,12 @@ class CheckoutWorkflow:
             )
         )
         self._set_status(PENDING, self._waiting_details())
+        workflow.logger.info(
+            "checkout open for payment of %s until %s",
+            self._money(),
+            self._expires_at.isoformat(),
+            extra=self._log_ids(),
+        )
         return True
 
     async def _step(
@@ -270,7 +279,7 @@ class CheckoutWorkflow:
             while self._inbox:
                 event = self._inbox.pop(0)
                 if event.type == StripeEvent.PAYMENT_INTENT_SUCCEEDED:
-                    outcome = await self._pay()
+                    outcome = await self._pay(event.received_at)
                     if outcome == PAID:
                         return
                     if outcome == SettleOutcome.MISMATCH and await self._close(
@@ -293,7 +302,7 @@ class CheckoutWorkflow:
                 if await self._close(EXPIRED, "payment window ended"):
                     return
 
-    async def _pay(self) -> str:
+    async def _pay(self, payment_received_at: datetime | None = None) -> str:
         """Commit the stock and mark the order paid if Stripe confirms the payment (status,
         amount and currency), in one step: the activity reads the PaymentIntent back.
 
@@ -313,6 +322,7 @@ class CheckoutWorkflow:
                 payment_intent_id=intent.payment_intent_id,
                 amount=cart.subtotal,
                 currency=cart.currency,
+                payment_received_at=payment_received_at,
             ),
             result_type=SettleResult,
             start_to_close_timeout=timedelta(seconds=15),
@@ -464,8 +474,20 @@ class CheckoutWorkflow:
         attribute (a visibility write each time) only the states operators filter on."""
         if status != self._status and (status == PENDING or status in CHECKOUT_FINAL):
             workflow.upsert_search_attributes([CHECKOUT_STATUS.value_set(status)])
+            if status in CHECKOUT_FINAL and not self._ended:
+                self._ended = True
+                # Counted where the ending happens, once per checkout: the workflow's meter
+                # records nothing while a worker replays the history.
+                workflow.metric_meter().create_counter(
+                    CHECKOUTS_COMPLETED, "Checkouts ended, by outcome"
+                ).add(1, {"outcome": status})
+                workflow.logger.info("checkout %s: %s", status, details, extra=self._log_ids())
         self._status = status
         workflow.set_current_details(details)
+
+    def _log_ids(self) -> dict[str, str]:
+        """For `workflow.logger`'s extra (its workflow id the SDK adds itself)."""
+        return {"checkout_id": str(self._input.checkout_id), "order_id": str(self._input.order_id)}
 
     # -- the outside world: updates, signals, query -------------------------------------------
 
@@ -507,7 +529,9 @@ class CheckoutWorkflow:
             return
         self._seen_events.add(event.event_id)
         if self._intent is not None and event.payment_intent_id != self._intent.payment_intent_id:
-            workflow.logger.warning("ignoring event %s for another intent", event.event_id)
+            workflow.logger.warning(
+                "ignoring event %s for another intent", event.event_id, extra=self._log_ids()
+            )
             return
         outcome = _ATTEMPT_OUTCOMES.get(event.type)
         if outcome is None:

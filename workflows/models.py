@@ -102,6 +102,8 @@ class PaymentEvent(BaseModel):
     amount: int
     currency: str
     message: str | None = None
+    # When the webhook reached the API: the start of the payment-to-paid latency.
+    received_at: datetime | None = None
 
 
 class PaymentAttempt(BaseModel):

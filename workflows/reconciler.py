@@ -77,6 +77,7 @@ class ReconcilerWorkflow:
             retry_policy=RETRY,
             summary="delete Idempotency-Keys past IDEMPOTENCY_KEY_TTL",
         )
+        _count(summary, running=found.running)
         workflow.set_current_details(
             f"Found {summary.found}: {summary.paid} paid, {summary.expired} expired, "
             f"{summary.skipped} skipped, {summary.failed} failed; "
@@ -105,6 +106,29 @@ class ReconcilerWorkflow:
             )
             return None
         return settled.outcome
+
+
+def _count(summary: ReconcileSummary, *, running: int) -> None:
+    """On the worker's metrics endpoint (the workflow's meter records nothing on replay):
+    `checkout_reconciled_total{outcome}` (paid, expired, skipped, failed) and
+    `checkout_reconciler_running_past_window`, checkouts past their payment window whose
+    workflow still runs (waiting out Stripe's `processing`, or stuck: an operator looks)."""
+    meter = workflow.metric_meter()
+    settled = meter.create_counter(
+        "checkout_reconciled", "Checkouts past their payment window the reconciler settled"
+    )
+    for outcome, count in (
+        ("paid", summary.paid),
+        ("expired", summary.expired),
+        ("skipped", summary.skipped - running),
+        ("failed", summary.failed),
+    ):
+        if count:
+            settled.add(count, {"outcome": outcome})
+    meter.create_gauge(
+        "checkout_reconciler_running_past_window",
+        "Checkouts past their payment window whose workflow still runs (last reconciler run)",
+    ).set(running)
 
 
 @workflow.defn

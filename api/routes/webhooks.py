@@ -17,5 +17,5 @@ router = APIRouter(tags=["webhooks"])
 async def stripe_webhook(request: Request, services: ServicesDep) -> WebhookAck:
     """Receive a Stripe event (raw body, Stripe-Signature header)."""
     payload = await request.body()
-    event = services.stripe.verify_webhook(payload, request.headers.get("stripe-signature"))
+    event = services.webhooks.verify(payload, request.headers.get("stripe-signature"))
     return WebhookAck(outcome=await services.webhooks.receive(event))

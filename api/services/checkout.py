@@ -32,8 +32,10 @@ from activities.reconcile import SettleStaleCheckoutInput, StaleCheckout
 from api.access import OrderAccess
 from api.auth import Caller, CallerKind
 from api.client_address import rate_limit_identity
+from api.metrics import ApiMetrics
 from api.ratelimit import CheckoutLimiter
 from api.schemas import CheckoutIn
+from core import logs
 from core.checkout_keys import CheckoutKeyStore, KeyClaim, RecordedCheckout
 from core.customers import customer_scope
 from core.errors import ErrorCode, Forbidden, InvalidState, NotFound, ServiceError, Unavailable
@@ -100,6 +102,13 @@ def _update_error(exc: WorkflowUpdateFailedError) -> ServiceError:
     return temporal_unavailable(exc)
 
 
+def _bind(checkout_id: uuid.UUID, order_id: uuid.UUID) -> None:
+    """Every log line of this request from now on names the checkout, its order and its run."""
+    logs.bind(
+        checkout_id=checkout_id, order_id=order_id, workflow_id=checkout_workflow_id(checkout_id)
+    )
+
+
 def owner_of(body: CheckoutIn, caller: Caller) -> str | None:
     """The user id the checkout belongs to, by the contract's rules, or Forbidden."""
     named = body.customer.user_id
@@ -127,8 +136,10 @@ class CheckoutService:
         limiter: CheckoutLimiter,
         stripe: StripeGateway,
         sealer: Sealer,
+        metrics: ApiMetrics | None = None,
     ) -> None:
         self._client = client
+        self._metrics = metrics or ApiMetrics()
         self._task_queue = settings.temporal_task_queue
         self._orders = orders
         self._keys = keys
@@ -211,6 +222,7 @@ class CheckoutService:
         return result.created
 
     async def _replay(self, recorded: RecordedCheckout) -> CheckoutCreated:
+        _bind(recorded.checkout_id, recorded.order_id)
         secret = self._sealer.unseal(recorded.client_secret_sealed)
         if secret is None:
             # Sealed under another SECRET_KEY (or before sealing existed): Stripe has it.
@@ -247,6 +259,7 @@ class CheckoutService:
         self, body: CheckoutIn, customer: Customer, claim: KeyClaim
     ) -> StartResult:
         """Update-with-Start the claim's checkout (or, if it has ended, read its answer)."""
+        _bind(claim.checkout_id, claim.order_id)
         input = CheckoutInput(
             checkout_id=claim.checkout_id,
             order_id=claim.order_id,
@@ -305,6 +318,14 @@ class CheckoutService:
             # The checkout may still open later; the same key then answers with it, and if
             # nobody comes back for it, it expires and gives its stock back.
             raise temporal_unavailable(exc) from exc
+        if claim.claimed:
+            # This request owns the key (PostgreSQL decided among replicas): its run is new.
+            self._metrics.checkouts_started.inc()
+            log.info(
+                "checkout %s: %s",
+                "refused" if result.failure else "open for payment",
+                result.failure.code if result.failure else f"order {claim.order_id}",
+            )
         return result
 
     async def _closed(self, claim: KeyClaim) -> bool:
@@ -351,6 +372,7 @@ class CheckoutService:
 
     async def state(self, checkout_id: uuid.UUID, caller: Caller) -> CheckoutState:
         """The live state of the saga; from the order's rows if its history is gone."""
+        logs.bind(checkout_id=checkout_id, workflow_id=checkout_workflow_id(checkout_id))
         order = await self._access.checkout_order(checkout_id, caller)
         try:
             return await self._query(checkout_id)
@@ -370,6 +392,7 @@ class CheckoutService:
     async def cancel(self, order_id: uuid.UUID, caller: Caller) -> str:
         """Cancel a pending order's checkout; answers once the compensation is done."""
         view = await self._access.order(order_id, caller)
+        _bind(view.order.checkout_id, order_id)
         status = view.order.status
         if status == OrderStatus.CANCELLED:
             return OrderStatus.CANCELLED

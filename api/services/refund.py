@@ -11,6 +11,7 @@ from temporalio.service import RPCError
 
 from activities.refunds import RefundOrderInput
 from api.services.checkout import temporal_unavailable
+from core import logs
 from core.errors import InvalidState
 from core.orders import OrderStore
 from core.settings import Settings
@@ -27,6 +28,7 @@ class RefundService:
 
     async def refund(self, order_id: uuid.UUID) -> str:
         """Refund a paid order in full; answers once Stripe refunded and the stock is back."""
+        logs.bind(order_id=order_id, workflow_id=refund_workflow_id(order_id))
         status = await self._orders.status(order_id)
         if status == OrderStatus.REFUNDED:
             return OrderStatus.REFUNDED

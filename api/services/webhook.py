@@ -8,7 +8,7 @@ refund acts only on what Stripe's own charge says.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio.client import Client
@@ -18,9 +18,12 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.reconcile import SettleStaleCheckoutInput, StaleCheckout
 from activities.refunds import LatePaymentInput
+from api.metrics import ApiMetrics
 from api.services.checkout import temporal_unavailable
+from core import logs
+from core.errors import ServiceError
 from core.orders import OrderStore
-from core.stripe_gateway import StripeGateway
+from core.stripe_gateway import InvalidWebhook, StripeGateway
 from core.temporal import retry_while_busy
 from core.vocabulary import (
     PAYMENT_INTENT_EVENTS,
@@ -42,6 +45,10 @@ from workflows.refund import LatePaymentWorkflow
 
 log = logging.getLogger(__name__)
 
+# The type label of a delivery whose signature or body did not verify: its claimed type is
+# the sender's word, and a label value per forged type would be unbounded.
+UNVERIFIED = "unverified"
+
 
 def _intent_id(event_type: str, obj: dict[str, Any]) -> str | None:
     """The PaymentIntent an event is about: the object itself, or a charge's or dispute's."""
@@ -59,15 +66,36 @@ class WebhookInbox:
         orders: OrderStore,
         stripe: StripeGateway,
         task_queue: str,
+        metrics: ApiMetrics | None = None,
     ) -> None:
         self._events = events
         self._client = client
         self._orders = orders
         self._stripe = stripe
         self._task_queue = task_queue
+        self._metrics = metrics or ApiMetrics()
+
+    def verify(self, payload: bytes, signature: str | None) -> dict[str, Any]:
+        """The event, if Stripe-Signature verifies (InvalidWebhook, counted, if not)."""
+        try:
+            return self._stripe.verify_webhook(payload, signature)
+        except InvalidWebhook as exc:
+            self._metrics.webhook_events.labels(UNVERIFIED, exc.code).inc()
+            log.warning("webhook refused: %s", exc.message)
+            raise
 
     async def receive(self, event: dict[str, Any]) -> str:
+        """Record the verified event once and act on it; returns (and counts) its outcome."""
         event_type: str = event["type"]
+        try:
+            outcome = await self._receive(event_type, event)
+        except ServiceError as exc:
+            self._metrics.webhook_events.labels(event_type, exc.code).inc()
+            raise
+        self._metrics.webhook_events.labels(event_type, outcome).inc()
+        return outcome
+
+    async def _receive(self, event_type: str, event: dict[str, Any]) -> str:
         obj = (event.get("data") or {}).get("object") or {}
         if not isinstance(obj, dict):
             obj = {}
@@ -83,6 +111,13 @@ class WebhookInbox:
         ) as receipt:
             if receipt is None:
                 return WebhookOutcome.DUPLICATE
+            logs.bind(
+                checkout_id=receipt.checkout_id,
+                order_id=receipt.order_id,
+                workflow_id=checkout_workflow_id(receipt.checkout_id)
+                if receipt.checkout_id
+                else None,
+            )
             receipt.outcome = await self._dispatch(event_type, receipt, obj, intent_id)
             return receipt.outcome
 
@@ -109,6 +144,7 @@ class WebhookInbox:
             message=(error.get("message") or error.get("code"))
             if isinstance(error, dict)
             else None,
+            received_at=datetime.now(UTC),
         )
         handle = self._client.get_workflow_handle(checkout_workflow_id(receipt.checkout_id))
         try:

@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
 from temporalio.client import WorkflowHandle, WorkflowHistory
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.app import create_app
@@ -34,6 +35,7 @@ from core.db import create_engine, create_session_factory
 from core.settings import Settings
 from core.stripe_gateway import create_gateway
 from core.temporal import connect
+from core.tracing import Tracing
 from core.workflow_ids import checkout_workflow_id
 from tests.conftest import PROJECT_ROOT, free_port
 from worker import build_worker
@@ -234,8 +236,14 @@ def stack_settings(settings: Settings, name: str, temporal_address: str, **more:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    settings: Settings, *, in_process_worker: bool = True
+    settings: Settings,
+    *,
+    in_process_worker: bool = True,
+    tracing: Tracing | None = None,
+    runtime: Runtime | None = None,
 ) -> AsyncIterator[Stack]:
+    """`tracing` traces the API and the worker as `python -m api` and worker.py do (instrument
+    its clients before calling this); `runtime` is the worker's (its metrics endpoint)."""
     api_port, stripe_port = free_port(), free_port()
     secret = settings.stripe_webhook_secret.get_secret_value()
     standin = subprocess.Popen(
@@ -254,10 +262,14 @@ async def running_stack(
     await proxy.start()
     settings = settings.model_copy(update={"stripe_api_base": proxy.url, "api_port": api_port})
     engine = create_engine(settings)
-    client = await connect(settings)
+    client = await connect(
+        settings,
+        interceptors=[tracing.temporal_interceptor()] if tracing else [],
+        runtime=runtime,
+    )
     gateway = create_gateway(settings)
     worker = build_worker(settings, client, create_session_factory(engine), gateway)
-    app = create_app(settings)
+    app = create_app(settings, tracing=tracing)
     server = uvicorn.Server(
         # As `python -m api` serves it: only TRUSTED_PROXIES decides about X-Forwarded-For.
         uvicorn.Config(

@@ -112,6 +112,11 @@ class RelayOptions:
     batch_size: int = 100
     # Seconds between polls when no notification arrives.
     poll_interval: float = 2.0
+    # Seconds to let events gather after a notification before claiming them: under load a
+    # batch then carries several events instead of one transaction and one empty claim per
+    # event, which cost the worker about 15 ms of CPU per checkout (`make bench`), for a few
+    # tens of milliseconds of lag (the contract allows 10 s).
+    gather: float = 0.05
     # Seconds a publish may wait for the broker's confirm.
     publish_timeout: float = 5.0
     # The longest wait between two attempts to reach the broker or the database, and between
@@ -240,9 +245,17 @@ class Relay:
                 continue
             delay = 0.5
             self._report()
+            if claimed == self._options.batch_size:
+                continue  # more may be due: go round again at once
             if claimed == 0:
+                # Nothing is due: wait for the next event's notification (or the poll).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._options.poll_interval)
+                if not self._wake.is_set():
+                    continue  # the poll: claim at once
+            # Let the neighbours of what woke us arrive (and, after a partial batch, the next
+            # events of the orders just published, which were held back behind them).
+            await self._pause(self._options.gather)
 
     async def _batch(self, exchange: AbstractExchange) -> int:
         """Claim, publish and mark one batch, in one transaction; returns how many it claimed.

@@ -23,6 +23,10 @@ class ErrorCode(StrEnum):
     QUANTITY_LIMIT_EXCEEDED = "quantity_limit_exceeded"
     TOO_MANY_PENDING_CHECKOUTS = "too_many_pending_checkouts"
     RATE_LIMITED = "rate_limited"
+    INVALID_PROMOTION = "invalid_promotion"
+    SHIPPING_UNAVAILABLE = "shipping_unavailable"
+    PROMOTION_EXHAUSTED = "promotion_exhausted"
+    VERSION_CONFLICT = "version_conflict"
     STOCK_BELOW_RESERVED = "stock_below_reserved"
     INVALID_STATE = "invalid_state"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
@@ -43,6 +47,9 @@ CART_REFUSALS = frozenset(
         ErrorCode.QUANTITY_LIMIT_EXCEEDED,
         ErrorCode.TOO_MANY_PENDING_CHECKOUTS,
         ErrorCode.INVALID_STATE,
+        ErrorCode.INVALID_PROMOTION,
+        ErrorCode.SHIPPING_UNAVAILABLE,
+        ErrorCode.PROMOTION_EXHAUSTED,
         ErrorCode.INTERNAL_ERROR,
     }
 )
@@ -134,3 +141,34 @@ class RateLimited(ServiceError):
         super().__init__(message, details={"retry_after": retry_after})
         self.retry_after = retry_after
         self.limit = limit
+
+
+class InvalidPromotion(ServiceError):
+    """A promotion code that does not apply; `reason` is one of the contract's."""
+
+    code = ErrorCode.INVALID_PROMOTION
+
+    def __init__(self, code: str, reason: str, message: str) -> None:
+        super().__init__(message, details={"code": code, "reason": reason})
+        self.reason = reason
+
+
+class ShippingUnavailable(ServiceError):
+    code = ErrorCode.SHIPPING_UNAVAILABLE
+
+
+class PromotionExhausted(ServiceError):
+    """No use of the promotion is left, in total or for this customer; nothing was reserved."""
+
+    code = ErrorCode.PROMOTION_EXHAUSTED
+
+    def __init__(self, code: str, limit: int, scope: str) -> None:
+        whose = "for this customer" if scope == "customer" else "in total"
+        super().__init__(
+            f"promotion {code} has no use left {whose} (limit {limit})",
+            details={"code": code, "limit": limit, "scope": scope},
+        )
+
+
+class VersionConflict(ServiceError):
+    code = ErrorCode.VERSION_CONFLICT

@@ -7,7 +7,9 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Identity,
@@ -100,6 +102,14 @@ class Order(Base):
     event_sequence: Mapped[int] = mapped_column(Integer, default=0)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The destination, the shipping method and the promotion code the order was priced with;
+    # `pricing`: the method, tax rate and promotion as charged (core/pricing.py).
+    address: Mapped[dict[str, Any] | None]
+    shipping_method: Mapped[str | None] = mapped_column(String(64))
+    promotion_code: Mapped[str | None] = mapped_column(String(64))
+    pricing: Mapped[dict[str, Any] | None]
+    # The cart this checkout was made from (checked out when the order is paid).
+    cart_id: Mapped[uuid.UUID | None]
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
@@ -181,6 +191,113 @@ class OrderEvent(Base):
     # Retried activities write the same key again; the unique index turns that into a no-op.
     dedupe_key: Mapped[str] = mapped_column(String(255), unique=True)
     at: Mapped[datetime] = _created_at()
+
+
+class ShippingMethod(Base):
+    __tablename__ = "shipping_methods"
+
+    code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    price: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    # Upper-case ISO 3166-1 alpha-2 codes; empty: everywhere.
+    countries: Mapped[list[str]] = mapped_column(ARRAY(String(2)), default=list)
+    free_over: Mapped[int | None] = mapped_column(BigInteger)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class TaxRate(Base):
+    __tablename__ = "tax_rates"
+
+    country: Mapped[str] = mapped_column(String(2), primary_key=True)
+    rate_bps: Mapped[int] = mapped_column(Integer)
+    includes_shipping: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class Promotion(Base):
+    """A promotion code. CHECK `used + reserved <= usage_limit`: see migration 0005."""
+
+    __tablename__ = "promotions"
+
+    # The code lower-cased: codes match case-insensitively.
+    code_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    code: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    value: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    min_subtotal: Mapped[int | None] = mapped_column(BigInteger)
+    starts_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ends_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    usage_limit: Mapped[int | None] = mapped_column(Integer)
+    per_customer_limit: Mapped[int | None] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Paid orders, and checkouts waiting for payment, that hold a use.
+    used: Mapped[int] = mapped_column(Integer, default=0)
+    reserved: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class PromotionCustomerUse(Base):
+    """A promotion's uses by one customer; CHECK `used + reserved <= customer_limit`."""
+
+    __tablename__ = "promotion_customer_uses"
+
+    code_key: Mapped[str] = mapped_column(
+        ForeignKey("promotions.code_key", ondelete="CASCADE"), primary_key=True
+    )
+    customer_scope: Mapped[str] = mapped_column(String(330), primary_key=True)
+    used: Mapped[int] = mapped_column(Integer, default=0)
+    reserved: Mapped[int] = mapped_column(Integer, default=0)
+    # A copy of the promotion's per_customer_limit, for the CHECK.
+    customer_limit: Mapped[int | None] = mapped_column(Integer)
+
+
+class PromotionUse(Base):
+    """The use of a promotion one checkout holds: `active`, then `committed` or `released`."""
+
+    __tablename__ = "promotion_uses"
+
+    checkout_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    code_key: Mapped[str] = mapped_column(ForeignKey("promotions.code_key"))
+    customer_scope: Mapped[str] = mapped_column(String(330))
+    order_id: Mapped[uuid.UUID]
+    discount: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class Cart(Base):
+    """A server-side cart: a guest's (found by its token's hash) or a customer's."""
+
+    __tablename__ = "carts"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    customer_scope: Mapped[str | None] = mapped_column(String(330))
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    order_id: Mapped[uuid.UUID | None]
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class CartItem(Base):
+    __tablename__ = "cart_items"
+
+    cart_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("carts.id", ondelete="CASCADE"), primary_key=True
+    )
+    sku: Mapped[str] = mapped_column(ForeignKey("products.sku"), primary_key=True)
+    quantity: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
 
 
 class Xid8(UserDefinedType[int]):

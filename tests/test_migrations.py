@@ -26,6 +26,13 @@ TABLES = {
     "order_events",
     "outbox",
     "checkout_keys",
+    "shipping_methods",
+    "tax_rates",
+    "promotions",
+    "promotion_customer_uses",
+    "promotion_uses",
+    "carts",
+    "cart_items",
 }
 
 

@@ -1,0 +1,284 @@
+"""Totals, one rule everywhere (`carts-and-pricing.md`): the quote, the cart and the checkout
+all price through `compute_totals`, from the service's own tables.
+
+    subtotal = sum of unit_price x quantity
+    discount = percent of subtotal, or the fixed amount; never above subtotal; half up
+    shipping = the method's price, or 0 when subtotal - discount >= free_over
+    tax      = (subtotal - discount [+ shipping if the rate includes shipping]) x bps / 10000,
+               half up
+    total    = subtotal - discount + shipping + tax
+
+Money is integer minor units; every division rounds half up, exactly, in integers.
+Where the contract is silent: without an address there is no tax (no destination) and no
+shipping method may be chosen; with an address and no method, shipping is 0 (the client
+chose none: digital goods, collection). A destination without a tax rate is taxed at 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.catalog import MAX_CHARGE, PricedCart
+from core.errors import ErrorCode, InvalidPromotion, ServiceError, ShippingUnavailable
+
+PERCENT = "percent"
+FIXED = "fixed"
+
+
+def half_up(numerator: int, denominator: int) -> int:
+    """numerator / denominator rounded half up, for numerator >= 0 and denominator > 0."""
+    assert numerator >= 0
+    assert denominator > 0
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+@dataclass(frozen=True)
+class ShippingTerms:
+    code: str
+    name: str
+    price: int
+    currency: str
+    countries: tuple[str, ...]
+    free_over: int | None
+    active: bool
+
+    def ships_to(self, country: str) -> bool:
+        return not self.countries or country.upper() in self.countries
+
+
+@dataclass(frozen=True)
+class TaxTerms:
+    country: str
+    rate_bps: int
+    includes_shipping: bool
+
+
+@dataclass(frozen=True)
+class PromotionTerms:
+    code_key: str
+    code: str
+    kind: str
+    value: int
+    currency: str | None
+    min_subtotal: int | None
+    starts_at: datetime | None
+    ends_at: datetime | None
+    usage_limit: int | None
+    per_customer_limit: int | None
+    active: bool
+
+    def discount(self, subtotal: int) -> int:
+        amount = half_up(subtotal * self.value, 100) if self.kind == PERCENT else self.value
+        return min(amount, subtotal)
+
+    def check(self, *, currency: str, subtotal: int, now: datetime) -> None:
+        """Raise `InvalidPromotion` (with the contract's reason) unless it applies."""
+        if not self.active:
+            raise InvalidPromotion(self.code, "inactive", f"promotion {self.code} is not active")
+        if self.starts_at is not None and now < self.starts_at:
+            raise InvalidPromotion(
+                self.code, "not_started", f"promotion {self.code} starts at {self.starts_at}"
+            )
+        if self.ends_at is not None and now >= self.ends_at:
+            raise InvalidPromotion(
+                self.code, "ended", f"promotion {self.code} ended at {self.ends_at}"
+            )
+        if self.kind == FIXED and self.currency != currency:
+            raise InvalidPromotion(
+                self.code,
+                "currency",
+                f"promotion {self.code} is in {str(self.currency).upper()}, the cart in "
+                f"{currency.upper()}",
+            )
+        if self.min_subtotal is not None and subtotal < self.min_subtotal:
+            raise InvalidPromotion(
+                self.code,
+                "min_subtotal",
+                f"promotion {self.code} needs a subtotal of at least {self.min_subtotal}",
+            )
+
+
+@dataclass(frozen=True)
+class Totals:
+    subtotal: int
+    discount: int
+    shipping: int
+    tax: int
+
+    @property
+    def total(self) -> int:
+        return self.subtotal - self.discount + self.shipping + self.tax
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "subtotal": self.subtotal,
+            "discount": self.discount,
+            "tax": self.tax,
+            "shipping": self.shipping,
+            "total": self.total,
+        }
+
+
+def compute_totals(
+    subtotal: int,
+    *,
+    promotion: PromotionTerms | None = None,
+    shipping: ShippingTerms | None = None,
+    tax: TaxTerms | None = None,
+) -> Totals:
+    """The contract's rule. The terms are assumed to apply (see `Terms.check`)."""
+    discount = promotion.discount(subtotal) if promotion is not None else 0
+    discounted = subtotal - discount
+    shipping_cost = 0
+    if shipping is not None and not (
+        shipping.free_over is not None and discounted >= shipping.free_over
+    ):
+        shipping_cost = shipping.price
+    tax_amount = 0
+    if tax is not None and tax.rate_bps:
+        taxable = discounted + (shipping_cost if tax.includes_shipping else 0)
+        tax_amount = half_up(taxable * tax.rate_bps, 10_000)
+    return Totals(subtotal=subtotal, discount=discount, shipping=shipping_cost, tax=tax_amount)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What a cart is priced with besides its lines: the destination's tax rate, the chosen
+    shipping method and the promotion, as read from the tables."""
+
+    country: str | None = None
+    shipping: ShippingTerms | None = None
+    tax: TaxTerms | None = None
+    promotion: PromotionTerms | None = None
+
+    def price(self, cart: PricedCart, *, now: datetime) -> Totals:
+        """Check the terms against the cart, then compute its totals. Raises
+        `ShippingUnavailable`, `InvalidPromotion` or `ServiceError(validation_error)` (a total
+        above what Stripe can charge)."""
+        if self.shipping is not None and self.shipping.currency != cart.currency:
+            raise ShippingUnavailable(
+                f"shipping method {self.shipping.code} is priced in "
+                f"{self.shipping.currency.upper()}, the cart in {cart.currency.upper()}",
+                details={"shipping_method": self.shipping.code, "reason": "currency"},
+            )
+        if self.promotion is not None:
+            self.promotion.check(currency=cart.currency, subtotal=cart.subtotal, now=now)
+        totals = compute_totals(
+            cart.subtotal, promotion=self.promotion, shipping=self.shipping, tax=self.tax
+        )
+        if totals.total > MAX_CHARGE:
+            raise ServiceError(
+                f"the order total {totals.total} exceeds the largest chargeable amount "
+                f"{MAX_CHARGE}",
+                code=ErrorCode.VALIDATION_ERROR,
+            )
+        return totals
+
+    def snapshot(self, totals: Totals) -> dict[str, Any]:
+        """The terms as charged, stored on the order (`orders.pricing`)."""
+        return {
+            "shipping": None
+            if self.shipping is None
+            else {
+                "code": self.shipping.code,
+                "name": self.shipping.name,
+                "price": self.shipping.price,
+                "free_over": self.shipping.free_over,
+                "charged": totals.shipping,
+            },
+            "tax": None
+            if self.country is None
+            else {
+                "country": self.country,
+                "rate_bps": self.tax.rate_bps if self.tax else 0,
+                "includes_shipping": self.tax.includes_shipping if self.tax else False,
+                "charged": totals.tax,
+            },
+            "promotion": None
+            if self.promotion is None
+            else {
+                "code": self.promotion.code,
+                "kind": self.promotion.kind,
+                "value": self.promotion.value,
+                "discount": totals.discount,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class TermsRequest:
+    """What the client asked for: a destination country, a shipping method code and a
+    promotion code (any of them absent)."""
+
+    country: str | None = None
+    shipping_method: str | None = None
+    promotion_code: str | None = None
+
+
+_SHIPPING = text(
+    "SELECT code, name, price, currency, countries, free_over, active"
+    " FROM shipping_methods WHERE code = :code"
+)
+_TAX = text("SELECT country, rate_bps, includes_shipping FROM tax_rates WHERE country = :country")
+_PROMOTION = (
+    "SELECT code_key, code, kind, value, currency, min_subtotal, starts_at, ends_at,"
+    " usage_limit, per_customer_limit, active FROM promotions WHERE code_key = lower(:code)"
+)
+_SELECT_PROMOTION = text(_PROMOTION)
+
+
+async def load_terms(session: AsyncSession, request: TermsRequest) -> Terms:
+    """Read the terms a request names. Raises `ShippingUnavailable` (unknown or inactive
+    method, a method without an address, or one that does not ship there) and
+    `InvalidPromotion(unknown)`; the rest is checked against the cart by `Terms.price`."""
+    country = request.country.upper() if request.country else None
+    shipping = None
+    if request.shipping_method is not None:
+        if country is None:
+            raise ShippingUnavailable(
+                "a shipping method needs an address to ship to",
+                details={"shipping_method": request.shipping_method, "reason": "no_address"},
+            )
+        row = (await session.execute(_SHIPPING, {"code": request.shipping_method})).one_or_none()
+        if row is None or not row.active:
+            raise ShippingUnavailable(
+                f"unknown shipping method {request.shipping_method}",
+                details={"shipping_method": request.shipping_method, "reason": "unknown"},
+            )
+        shipping = ShippingTerms(
+            code=row.code,
+            name=row.name,
+            price=row.price,
+            currency=row.currency,
+            countries=tuple(row.countries),
+            free_over=row.free_over,
+            active=row.active,
+        )
+        if not shipping.ships_to(country):
+            raise ShippingUnavailable(
+                f"shipping method {shipping.code} does not ship to {country}",
+                details={"shipping_method": shipping.code, "reason": "country"},
+            )
+    tax = None
+    if country is not None:
+        row = (await session.execute(_TAX, {"country": country})).one_or_none()
+        if row is not None:
+            tax = TaxTerms(row.country, row.rate_bps, row.includes_shipping)
+    promotion = None
+    if request.promotion_code is not None:
+        row = (
+            await session.execute(_SELECT_PROMOTION, {"code": request.promotion_code})
+        ).one_or_none()
+        if row is None:
+            raise InvalidPromotion(
+                request.promotion_code,
+                "unknown",
+                f"unknown promotion code {request.promotion_code}",
+            )
+        promotion = PromotionTerms(**row._asdict())
+    return Terms(country=country, shipping=shipping, tax=tax, promotion=promotion)

@@ -12,7 +12,7 @@ from temporalio import activity
 from activities.refusals import refused_at_once
 from core.catalog import PricedCart
 from core.orders import NewOrder, OrderStore
-from workflows.models import CartItem, Customer, LineOut
+from workflows.models import Address, CartItem, Customer, LineOut, Totals
 
 
 class OpenOrderInput(BaseModel):
@@ -23,12 +23,36 @@ class OpenOrderInput(BaseModel):
     metadata: dict[str, Any]
     expires_at: datetime
     max_pending: int | None = None
+    address: Address | None = None
+    shipping_method: str | None = None
+    promotion_code: str | None = None
+    cart_id: uuid.UUID | None = None
 
 
 class PricedCartOut(BaseModel):
     currency: str
     lines: list[LineOut]
     subtotal: int
+    # Absent from the results recorded before pricing had shipping, tax and promotions: their
+    # total was the subtotal.
+    discount: int = 0
+    shipping: int = 0
+    tax: int = 0
+    total: int | None = None
+
+    @property
+    def amount(self) -> int:
+        """What the customer pays: the PaymentIntent's amount."""
+        return self.subtotal if self.total is None else self.total
+
+    def totals(self) -> Totals:
+        return Totals(
+            subtotal=self.subtotal,
+            discount=self.discount,
+            tax=self.tax,
+            shipping=self.shipping,
+            total=self.amount,
+        )
 
     @classmethod
     def of(cls, cart: PricedCart) -> PricedCartOut:
@@ -36,6 +60,10 @@ class PricedCartOut(BaseModel):
             currency=cart.currency,
             lines=[LineOut.model_validate(line, from_attributes=True) for line in cart.lines],
             subtotal=cart.subtotal,
+            discount=cart.discount,
+            shipping=cart.shipping,
+            tax=cart.tax,
+            total=cart.total,
         )
 
 
@@ -75,6 +103,10 @@ class OrderActivities:
                     metadata=input.metadata,
                     expires_at=input.expires_at,
                     max_pending=input.max_pending,
+                    address=input.address.model_dump(exclude_none=True) if input.address else None,
+                    shipping_method=input.shipping_method,
+                    promotion_code=input.promotion_code,
+                    cart_id=input.cart_id,
                 )
             )
         return PricedCartOut.of(cart)

@@ -7,7 +7,15 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from core.events import EventBody, Timestamp
 
@@ -124,12 +132,56 @@ class ItemIn(BaseModel):
     quantity: Annotated[int, Field(strict=True, ge=1, le=1000)]
 
 
-class CheckoutIn(BaseModel):
+def _line(max_length: int) -> Any:
+    return StringConstraints(strip_whitespace=True, min_length=1, max_length=max_length)
+
+
+AddressLine = Annotated[str, _line(200), AfterValidator(storable)]
+PostalCode = Annotated[str, _line(32), AfterValidator(storable)]
+
+
+CountryCode = Annotated[
+    str, StringConstraints(strip_whitespace=True, to_upper=True, pattern=r"^[A-Za-z]{2}$")
+]
+# Shipping method and promotion codes.
+CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
+
+
+class AddressIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    country: CountryCode = Field(description="ISO 3166-1 alpha-2; sets the tax rate")
+    postal_code: PostalCode | None = None
+    city: AddressLine | None = None
+    line1: AddressLine | None = None
+    line2: AddressLine | None = None
+    name: AddressLine | None = None
+
+
+class PricingIn(BaseModel):
+    """What prices a cart besides its lines (carts-and-pricing.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: AddressIn | None = None
+    shipping_method: Code | None = Field(default=None, description="needs `address`")
+    promotion_code: Code | None = Field(default=None, description="matched case-insensitively")
+
+
+class CheckoutIn(PricingIn):
     customer: CustomerIn
-    items: list[ItemIn] = Field(min_length=1, max_length=100)
+    items: list[ItemIn] | None = Field(default=None, min_length=1, max_length=100)
+    cart_id: uuid.UUID | None = Field(
+        default=None, description="check out this server-side cart instead of `items`"
+    )
     metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] | None = None
+
+    @model_validator(mode="after")
+    def _items_or_cart(self) -> CheckoutIn:
+        if (self.items is None) == (self.cart_id is None):
+            raise ValueError("give either `items` or `cart_id`, not both and not neither")
+        return self
 
 
 class LineOutSchema(BaseModel):
@@ -216,6 +268,14 @@ class OrderSummaryOut(BaseModel):
     currency: str
     items: list[LineOutSchema]
     totals: TotalsOut
+    address: dict[str, Any] | None = None
+    shipping_method: str | None = None
+    promotion_code: str | None = None
+    pricing: dict[str, Any] | None = Field(
+        default=None,
+        description="the shipping method, tax rate and promotion as charged (a snapshot)",
+    )
+    cart_id: uuid.UUID | None = None
     payment: OrderPaymentOut | None
     created_at: datetime
     updated_at: datetime

@@ -122,12 +122,21 @@ class PricedLine:
 
 @dataclass(frozen=True)
 class PricedCart:
+    """Priced lines and, once its terms are applied (core/pricing.py), the rest of its totals."""
+
     currency: str
     lines: tuple[PricedLine, ...]
+    discount: int = 0
+    shipping: int = 0
+    tax: int = 0
 
     @property
     def subtotal(self) -> int:
         return sum(line.line_total for line in self.lines)
+
+    @property
+    def total(self) -> int:
+        return self.subtotal - self.discount + self.shipping + self.tax
 
 
 # Stripe's largest charge for most currencies, in minor units.

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, text, tuple_, update
@@ -27,6 +27,8 @@ from core.errors import InvalidState, NotFound, TooManyPendingCheckouts
 from core.events import ORDER_COLUMNS, dedupe_key, payload_sql, write_event
 from core.ledger import StockLedger, merge_lines
 from core.models import ORDER_EVENTS, ORDERS, Order, OrderEvent, OrderItem, Payment
+from core.pricing import TermsRequest, load_terms
+from core.promotion_ledger import PromotionLedger
 from core.vocabulary import EventType, OrderStatus, TimelineEvent
 
 PENDING = OrderStatus.PENDING_PAYMENT
@@ -49,14 +51,38 @@ class NewOrder:
     expires_at: datetime
     # Refuse the checkout if its customer already has this many waiting for payment.
     max_pending: int | None = None
+    # Where it ships (`{"country", ...}`), how, and the promotion code (carts-and-pricing.md).
+    address: dict[str, Any] | None = None
+    shipping_method: str | None = None
+    promotion_code: str | None = None
+    # The server-side cart it was made from: checked out when the order is paid.
+    cart_id: uuid.UUID | None = None
+    # The time promotions are checked against (their start and end); default: now.
+    priced_at: datetime | None = None
 
     @property
     def customer_scope(self) -> str:
         return customer_scope(self.customer_user_id, self.customer_email)
 
+    @property
+    def terms_request(self) -> TermsRequest:
+        country = self.address.get("country") if self.address else None
+        return TermsRequest(
+            country=country if isinstance(country, str) else None,
+            shipping_method=self.shipping_method,
+            promotion_code=self.promotion_code,
+        )
 
-def _cart(currency: str, lines: list[list[Any]]) -> PricedCart:
-    return PricedCart(currency=currency, lines=tuple(PricedLine(*line) for line in lines))
+
+def _cart(row: Any) -> PricedCart:
+    """The cart as the order recorded it (its lines and totals)."""
+    return PricedCart(
+        currency=row.currency,
+        lines=tuple(PricedLine(*line) for line in row.lines),
+        discount=row.discount,
+        shipping=row.shipping,
+        tax=row.tax,
+    )
 
 
 @dataclass(frozen=True)
@@ -107,10 +133,12 @@ _CREATE_ORDER = text(
     WITH new_order AS (
         INSERT INTO orders (id, checkout_id, status, customer_email, customer_user_id,
                             customer_scope, currency, subtotal, discount, tax, shipping, total,
-                            metadata, expires_at, event_sequence)
+                            metadata, expires_at, event_sequence, address, shipping_method,
+                            promotion_code, pricing, cart_id)
         VALUES (:order_id, :checkout_id, 'pending_payment', :email, :user_id, :scope,
-                :currency, :subtotal, 0, 0, 0, :subtotal, CAST(:metadata AS jsonb),
-                :expires_at, 1)
+                :currency, :subtotal, :discount, :tax, :shipping, :total,
+                CAST(:metadata AS jsonb), :expires_at, 1, CAST(:address AS jsonb),
+                :shipping_method, :promotion_code, CAST(:pricing AS jsonb), :cart_id)
         ON CONFLICT (checkout_id) DO NOTHING
         RETURNING {ORDER_COLUMNS}
     ), cart AS (
@@ -152,7 +180,7 @@ _RECORDED_AND_PENDING = text(
     """
     SELECT (SELECT count(*) FROM orders
             WHERE customer_scope = :scope AND status = 'pending_payment') AS pending,
-           o.status, o.currency,
+           o.status, o.currency, o.discount, o.shipping, o.tax,
            (SELECT json_agg(json_build_array(i.sku, i.name, i.unit_price, i.quantity)
                             ORDER BY i.sku)
             FROM order_items i WHERE i.order_id = o.id) AS lines
@@ -190,6 +218,11 @@ _MARK_PAID = text(
         INSERT INTO order_events (order_id, type, data, dedupe_key)
         VALUES (:order_id, 'paid', CAST(:data AS jsonb), :key)
         ON CONFLICT (dedupe_key) DO NOTHING
+    ), cart AS (
+        -- The server-side cart it was made from is checked out (a change: its version too).
+        UPDATE carts SET status = 'checked_out', order_id = :order_id,
+                         version = version + 1, updated_at = now()
+        WHERE id = (SELECT cart_id FROM orders WHERE id = :order_id) AND status = 'open'
     )
     INSERT INTO outbox (event_type, aggregate_id, sequence, payload, dedupe_key)
     SELECT 'order.paid', paid.id, paid.event_sequence, {_PAID_PAYLOAD},
@@ -233,17 +266,31 @@ class OrderStore:
                         f"checkout {new.checkout_id} has ended: its order is {row.status}",
                         details={"status": row.status},
                     )
-                return _cart(row.currency, row.lines), False
+                return _cart(row), False
             if new.max_pending and row.pending >= new.max_pending:
                 raise TooManyPendingCheckouts(new.max_pending)
             cart = price(products, items)
+            terms = await load_terms(session, new.terms_request)
+            totals = terms.price(cart, now=new.priced_at or datetime.now(UTC))
+            cart = replace(cart, discount=totals.discount, shipping=totals.shipping, tax=totals.tax)
+            # The stock rows first, then the promotion's: the fixed order of every transaction
+            # that moves both (core/promotion_ledger.py).
             await self._ledger.reserve(
                 new.checkout_id,
                 [(line.sku, line.quantity) for line in cart.lines],
                 expires_at=new.expires_at,
                 session=session,
             )
-            if not await self._insert(session, new, cart):
+            if terms.promotion is not None:
+                await PromotionLedger.reserve(
+                    session,
+                    checkout_id=new.checkout_id,
+                    order_id=new.order_id,
+                    code_key=terms.promotion.code_key,
+                    customer_scope=scope,
+                    discount=totals.discount,
+                )
+            if not await self._insert(session, new, cart, terms.snapshot(totals)):
                 # A concurrent attempt created the order first (the ledger waited for it and
                 # returned its reservation): answer with what it recorded, not this pricing.
                 recorded = await self._recorded_cart(session, new.checkout_id)
@@ -257,6 +304,9 @@ class OrderStore:
             await session.execute(
                 select(
                     Order.currency,
+                    Order.discount,
+                    Order.shipping,
+                    Order.tax,
                     OrderItem.sku,
                     OrderItem.name,
                     OrderItem.unit_price,
@@ -272,12 +322,24 @@ class OrderStore:
         return PricedCart(
             currency=rows[0].currency,
             lines=tuple(PricedLine(r.sku, r.name, r.unit_price, r.quantity) for r in rows),
+            discount=rows[0].discount,
+            shipping=rows[0].shipping,
+            tax=rows[0].tax,
         )
 
     @staticmethod
-    async def _insert(session: AsyncSession, new: NewOrder, cart: PricedCart) -> bool:
+    async def _insert(
+        session: AsyncSession, new: NewOrder, cart: PricedCart, pricing: dict[str, Any]
+    ) -> bool:
         lines = [{"sku": line.sku, "quantity": line.quantity} for line in cart.lines]
-        totals = {"total": cart.subtotal, "currency": cart.currency}
+        totals = {
+            "subtotal": cart.subtotal,
+            "discount": cart.discount,
+            "shipping": cart.shipping,
+            "tax": cart.tax,
+            "total": cart.total,
+            "currency": cart.currency,
+        }
         created = await session.execute(
             _CREATE_ORDER,
             {
@@ -288,6 +350,15 @@ class OrderStore:
                 "scope": new.customer_scope,
                 "currency": cart.currency,
                 "subtotal": cart.subtotal,
+                "discount": cart.discount,
+                "shipping": cart.shipping,
+                "tax": cart.tax,
+                "total": cart.total,
+                "address": json.dumps(new.address) if new.address is not None else None,
+                "shipping_method": new.shipping_method,
+                "promotion_code": pricing["promotion"]["code"] if pricing["promotion"] else None,
+                "pricing": json.dumps(pricing),
+                "cart_id": new.cart_id,
                 "metadata": json.dumps(new.metadata),
                 "expires_at": new.expires_at,
                 "skus": [line.sku for line in cart.lines],
@@ -388,6 +459,7 @@ class OrderStore:
             if status != PENDING:
                 return str(status)
             await self._ledger.commit(checkout_id, session=session)
+            await PromotionLedger.commit(session, checkout_id)
             await session.execute(
                 _MARK_PAID,
                 {
@@ -427,6 +499,7 @@ class OrderStore:
             if order is not None and order.status != PENDING:
                 return order.status
             await self._ledger.release(checkout_id, session=session)
+            await PromotionLedger.release(session, checkout_id)
             if release_key:
                 await CheckoutKeyStore.release(session, checkout_id)
             if order is None:

@@ -20,6 +20,10 @@ The load generator (this process) is not counted. Then, on the same dev server, 
 checkout workflow's Temporal skeleton with no-op activities (devtools/bench_floor.py), which no
 checkout can beat on this machine. Usage:
     python -m devtools.bench [--levels 1,10,50] [--checkouts-per-client 30] [--floor-levels 1,10]
+                             [--priced-levels 10]
+
+`--priced-levels` runs those concurrencies again with an address, a shipping method, a tax
+rate and a promotion on every checkout, and prints their ratio to the plain run.
 """
 
 from __future__ import annotations
@@ -49,6 +53,14 @@ from devtools import bench_floor
 from devtools.stack import PROJECT_ROOT, Ports, Stack
 
 SKUS = [f"BENCH-{i:03d}" for i in range(200)]
+# The priced variant: every checkout ships, is taxed and has a promotion (carts-and-pricing.md),
+# seeded by `_seed` through the admin routes. The promotion has no usage limit (each of its
+# uses is still reserved and committed, under its row lock).
+PRICING: dict[str, object] = {
+    "address": {"country": "US", "postal_code": "94107", "line1": "1 Bench St", "name": "Bench"},
+    "shipping_method": "bench-standard",
+    "promotion_code": "BENCH10",
+}
 EXTERNAL = ("DATABASE_URL", "TEMPORAL_ADDRESS", "STRIPE_SECRET_KEY", "STRIPE_API_BASE")
 
 
@@ -97,7 +109,13 @@ class Cpu:
 
 
 async def _client(
-    http: aiohttp.ClientSession, api: str, stripe: str, level: Level, count: int, rng: random.Random
+    http: aiohttp.ClientSession,
+    api: str,
+    stripe: str,
+    level: Level,
+    count: int,
+    rng: random.Random,
+    pricing: dict[str, object] | None = None,
 ) -> None:
     auth = {
         "Authorization": "Basic " + base64.b64encode(f"{DEV_STRIPE_SECRET_KEY}:".encode()).decode()
@@ -107,7 +125,11 @@ async def _client(
             {"sku": sku, "quantity": rng.randint(1, 3)}
             for sku in rng.sample(SKUS, rng.randint(1, 3))
         ]
-        body = {"customer": {"email": f"bench{rng.randint(1, 10**9)}@example.com"}, "items": items}
+        body = {
+            "customer": {"email": f"bench{rng.randint(1, 10**9)}@example.com"},
+            "items": items,
+            **(pricing or {}),
+        }
         t0 = time.perf_counter()
         async with http.post(f"{api}/checkout", json=body) as response:
             created = await response.json()
@@ -218,6 +240,7 @@ async def _run_level(
     per_client: int,
     cpu: Cpu,
     events: EventDrain | None,
+    pricing: dict[str, object] | None = None,
 ) -> tuple[Level, dict[str, float], int, float, list[float]]:
     api = f"http://127.0.0.1:{stack.ports.api}"
     stripe = f"http://127.0.0.1:{stack.ports.stripe}"
@@ -227,7 +250,10 @@ async def _run_level(
     async with aiohttp.ClientSession(connector=connector) as http:
         warm = Level(concurrency)
         await asyncio.gather(
-            *(_client(http, api, stripe, warm, 2, random.Random(i)) for i in range(concurrency))
+            *(
+                _client(http, api, stripe, warm, 2, random.Random(i), pricing)
+                for i in range(concurrency)
+            )
         )
         await _wait_paid(db_url, list(warm.confirmed_at), 60)
 
@@ -236,7 +262,7 @@ async def _run_level(
         level.started = time.time()
         await asyncio.gather(
             *(
-                _client(http, api, stripe, level, per_client, random.Random(1000 + i))
+                _client(http, api, stripe, level, per_client, random.Random(1000 + i), pricing)
                 for i in range(concurrency)
             )
         )
@@ -254,7 +280,38 @@ async def _run_level(
 
 
 async def _seed(api: str) -> None:
-    async with aiohttp.ClientSession() as http:
+    admin = {"Authorization": f"Bearer {os.environ.get('ADMIN_TOKEN', DEV_ADMIN_TOKEN)}"}
+    async with aiohttp.ClientSession(headers=admin) as http:
+        pricing = [
+            (
+                "/admin/shipping-methods/bench-standard",
+                {
+                    "name": "Standard",
+                    "price": 700,
+                    "currency": "usd",
+                    "countries": ["US"],
+                    "free_over": None,
+                    "active": True,
+                },
+            ),
+            ("/admin/tax-rates/US", {"rate_bps": 825, "includes_shipping": True}),
+            (
+                "/admin/promotions/BENCH10",
+                {
+                    "kind": "percent",
+                    "value": 10,
+                    "min_subtotal": None,
+                    "starts_at": None,
+                    "ends_at": None,
+                    "usage_limit": None,
+                    "per_customer_limit": None,
+                    "active": True,
+                },
+            ),
+        ]
+        for path, body in pricing:
+            async with http.put(f"{api}{path}", json=body) as response:
+                response.raise_for_status()
         for sku in SKUS:
             async with http.put(
                 f"{api}/admin/products/{sku}",
@@ -263,9 +320,6 @@ async def _seed(api: str) -> None:
                     "unit_price": 500 + hash(sku) % 5000,
                     "currency": "usd",
                     "on_hand": 10_000_000,
-                },
-                headers={
-                    "Authorization": f"Bearer {os.environ.get('ADMIN_TOKEN', DEV_ADMIN_TOKEN)}"
                 },
             ) as response:
                 response.raise_for_status()
@@ -305,6 +359,43 @@ def _floor(stack: Stack, levels: list[int]) -> dict[int, float]:
         worker.wait(10)
 
 
+def _level(
+    stack: Stack,
+    db_url: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    cpu: Cpu,
+    events: EventDrain | None,
+    pricing: dict[str, object] | None = None,
+) -> float:
+    """Run one level and print its line; returns its checkouts per second."""
+    per_client = args.checkouts_per_client or max(3, min(60, 600 // concurrency))
+    level, used, done, elapsed, lags = asyncio.run(
+        _run_level(stack, db_url, concurrency, per_client, cpu, events, pricing)
+    )
+    ms = level.checkout_ms
+    paid_ms = [s * 1000 for s in level.confirmed_at.values()]
+    total_cpu = sum(used.values())
+    split = " ".join(f"{k}={v / max(done, 1) * 1000:.1f}ms" for k, v in used.items())
+    print(
+        f"{concurrency:>4} {done:>5} {done / elapsed:>7.1f} | "
+        f"{_pct(ms, 50):6.1f} {_pct(ms, 95):6.1f} {_pct(ms, 99):6.1f} | "
+        f"{_pct(paid_ms, 50):6.1f} {_pct(paid_ms, 95):6.1f} {_pct(paid_ms, 99):6.1f} | "
+        f"{total_cpu / max(done, 1):.4f}  ({split})"
+        + (f"  errors={level.errors}" if level.errors else ""),
+        flush=True,
+    )
+    if events is not None:
+        print(
+            f"{'':>4} events: {len(lags)} published, lag commit->confirm ms"
+            f" p50 {_pct(lags, 50):.1f} p99 {_pct(lags, 99):.1f}"
+            f" max {max(lags, default=float('nan')):.1f}"
+            f" (drained {events.received} so far)",
+            flush=True,
+        )
+    return done / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="complete checkouts against the local stack")
     parser.add_argument("--levels", default="1,10,50")
@@ -313,6 +404,12 @@ def main() -> None:
         "--floor-levels",
         default="1,10",
         help="concurrencies for the Temporal skeleton (devtools/bench_floor.py); '' to skip",
+    )
+    parser.add_argument(
+        "--priced-levels",
+        default="10",
+        help="concurrencies to run again with shipping, tax and a promotion on every checkout,"
+        " compared with the plain run; '' to skip",
     )
     args = parser.parse_args()
     for name in EXTERNAL:
@@ -352,31 +449,20 @@ def main() -> None:
                 f"| payment->paid ms p50/p95/p99 | CPU s/checkout  (split)"
             )
             for concurrency in [int(x) for x in args.levels.split(",")]:
-                per_client = args.checkouts_per_client or max(3, min(60, 600 // concurrency))
-                level, used, done, elapsed, lags = asyncio.run(
-                    _run_level(stack, db_url, concurrency, per_client, cpu, events)
+                rates[concurrency] = _level(stack, db_url, concurrency, args, cpu, events)
+            priced: dict[int, float] = {}
+            for concurrency in [int(x) for x in args.priced_levels.split(",") if x]:
+                print(f"{'':>4} priced: shipping, tax and promotion {PRICING['promotion_code']}")
+                priced[concurrency] = _level(
+                    stack, db_url, concurrency, args, cpu, events, pricing=PRICING
                 )
-                rates[concurrency] = done / elapsed
-                ms = level.checkout_ms
-                paid_ms = [s * 1000 for s in level.confirmed_at.values()]
-                total_cpu = sum(used.values())
-                split = " ".join(f"{k}={v / max(done, 1) * 1000:.1f}ms" for k, v in used.items())
+            for concurrency in sorted(priced.keys() & rates.keys()):
                 print(
-                    f"{concurrency:>4} {done:>5} {done / elapsed:>7.1f} | "
-                    f"{_pct(ms, 50):6.1f} {_pct(ms, 95):6.1f} {_pct(ms, 99):6.1f} | "
-                    f"{_pct(paid_ms, 50):6.1f} {_pct(paid_ms, 95):6.1f} {_pct(paid_ms, 99):6.1f} | "
-                    f"{total_cpu / max(done, 1):.4f}  ({split})"
-                    + (f"  errors={level.errors}" if level.errors else ""),
+                    f"priced/plain at concurrency {concurrency}: {priced[concurrency]:.1f} /"
+                    f" {rates[concurrency]:.1f} checkouts/s ="
+                    f" {priced[concurrency] / rates[concurrency]:.2f}",
                     flush=True,
                 )
-                if events is not None:
-                    print(
-                        f"{'':>4} events: {len(lags)} published, lag commit->confirm ms"
-                        f" p50 {_pct(lags, 50):.1f} p99 {_pct(lags, 99):.1f}"
-                        f" max {max(lags, default=float('nan')):.1f}"
-                        f" (drained {events.received} so far)",
-                        flush=True,
-                    )
             if args.floor_levels:
                 floor = _floor(stack, [int(x) for x in args.floor_levels.split(",")])
                 print()

@@ -28,9 +28,21 @@ from temporalio.common import (
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.orders import CloseOrderInput, OpenOrderInput, OrderEventInput, PricedCartOut
-    from activities.payments import IntentOut, PaymentIntentInput, SettleInput, SettleResult
-    from activities.refunds import LatePaymentInput, LatePaymentResult
+    from activities.orders import (
+        CloseOrderInput,
+        OpenOrderInput,
+        OrderActivities,
+        OrderEventInput,
+        PricedCartOut,
+    )
+    from activities.payments import (
+        IntentOut,
+        PaymentActivities,
+        PaymentIntentInput,
+        SettleInput,
+        SettleResult,
+    )
+    from activities.refunds import LatePaymentInput, RefundActivities
     from core.errors import CART_REFUSALS, ErrorCode
     from core.vocabulary import (
         CHECKOUT_FINAL,
@@ -51,10 +63,10 @@ with workflow.unsafe.imports_passed_through():
         PaymentEvent,
         PaymentOut,
         StartResult,
-        Totals,
     )
 
 _T = TypeVar("_T")
+_A = TypeVar("_A")
 
 CHECKOUT_STATUS = SearchAttributeKey.for_keyword("CheckoutStatus")
 # On the worker's metrics endpoint as `checkout_completed_total{outcome}` (core/metrics.py).
@@ -80,7 +92,40 @@ CANCELLED = CheckoutStatus.CANCELLED
 EXPIRED = CheckoutStatus.EXPIRED
 REJECTED = CheckoutStatus.REJECTED
 
+CLOSE_ORDER = "close the order"
 CANCEL_INTENT = "cancel the PaymentIntent"
+
+
+class Compensations:
+    """The saga's undo steps by name, run newest first. A step can be taken out (to run it
+    later, or never: a PaymentIntent already cancelled by `_close`)."""
+
+    def __init__(self) -> None:
+        self._steps: dict[str, Callable[[], Awaitable[Any]]] = {}
+
+    def add(self, name: str, undo: Callable[[], Awaitable[Any]]) -> None:
+        self._steps[name] = undo
+
+    def take(self, name: str) -> Compensations:
+        """Remove the step `name` (if registered) and return it as a set of its own."""
+        taken = Compensations()
+        undo = self._steps.pop(name, None)
+        if undo is not None:
+            taken.add(name, undo)
+        return taken
+
+    def clear(self) -> None:
+        self._steps.clear()
+
+    async def run(self, before_each: Callable[[str], None]) -> None:
+        """Run every step, newest first; each is retried until it succeeds (its activity's
+        retry policy), so this returns once all are done."""
+        while self._steps:
+            name = next(reversed(self._steps))
+            undo = self._steps.pop(name)
+            before_each(name)
+            await undo()
+
 
 # What each PaymentIntent event says of the customer's attempt to pay.
 _ATTEMPT_OUTCOMES: dict[str, PaymentOutcome] = {
@@ -141,7 +186,7 @@ class CheckoutWorkflow:
         self._cancel_requested = False
         self._cart: PricedCartOut | None = None
         self._intent: IntentOut | None = None
-        self._undo: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+        self._undo = Compensations()
         self._closing_as: tuple[str, str] = (CANCELLED, "")
         self._late_success = False
         self._refunded = False
@@ -183,9 +228,9 @@ class CheckoutWorkflow:
                 f"order {input.order_id}",
             )
             # Registered first: closing an order that was never opened releases nothing.
-            self._undo.append(("close the order", self._close_order))
+            self._undo.add(CLOSE_ORDER, self._close_order)
             cart = self._cart = await self._step(
-                "open_order",
+                OrderActivities.open_order,
                 OpenOrderInput(
                     checkout_id=input.checkout_id,
                     order_id=input.order_id,
@@ -194,21 +239,23 @@ class CheckoutWorkflow:
                     metadata=input.metadata,
                     expires_at=self._expires_at,
                     max_pending=input.max_pending_checkouts,
+                    address=input.address,
+                    shipping_method=input.shipping_method,
+                    promotion_code=input.promotion_code,
+                    cart_id=input.cart_id,
                 ),
                 f"price the cart, reserve {units} units (all or none) and create order "
                 f"{input.order_id}: one transaction",
-                PricedCartOut,
             )
 
             self._set_status(
                 CheckoutStatus.CREATING_PAYMENT, f"Creating a PaymentIntent for {self._money()}"
             )
-            self._undo.append((CANCEL_INTENT, self._cancel_intent))
+            self._undo.add(CANCEL_INTENT, self._cancel_intent)
             self._intent = await self._step(
-                "create_payment_intent",
+                PaymentActivities.create_payment_intent,
                 self._intent_input(),
                 f"create the Stripe PaymentIntent for {self._money()}",
-                IntentOut,
                 # Stripe answers in well under a second; a hanging attempt is cut short.
                 attempt_timeout=timedelta(seconds=3),
             )
@@ -222,7 +269,7 @@ class CheckoutWorkflow:
                 status=PENDING,
                 currency=cart.currency,
                 items=cart.lines,
-                totals=Totals(subtotal=cart.subtotal, total=cart.subtotal),
+                totals=cart.totals(),
                 payment=PaymentOut(
                     payment_intent_id=self._intent.payment_intent_id,
                     client_secret=self._intent.client_secret,
@@ -242,18 +289,16 @@ class CheckoutWorkflow:
 
     async def _step(
         self,
-        activity: str,
-        arg: Any,
+        activity: Callable[[Any, _A], Awaitable[_T]],
+        arg: _A,
         summary: str,
-        result_type: type[_T] | None = None,
         *,
         attempt_timeout: timedelta = timedelta(seconds=5),
     ) -> _T:
         """One synchronous step: a local activity with bounded retries (see QUICK)."""
-        result: _T = await workflow.execute_local_activity(
+        result: _T = await workflow.execute_local_activity_method(
             activity,
             arg,
-            result_type=result_type,
             start_to_close_timeout=attempt_timeout,
             schedule_to_close_timeout=STEP_DEADLINE,
             retry_policy=QUICK,
@@ -314,17 +359,16 @@ class CheckoutWorkflow:
         self._set_status(
             CheckoutStatus.COMMITTING, "Checking the payment with Stripe; committing the stock"
         )
-        result: SettleResult = await workflow.execute_local_activity(
-            "settle_payment",
+        result: SettleResult = await workflow.execute_local_activity_method(
+            PaymentActivities.settle_payment,
             SettleInput(
                 checkout_id=self._input.checkout_id,
                 order_id=self._input.order_id,
                 payment_intent_id=intent.payment_intent_id,
-                amount=cart.subtotal,
+                amount=cart.amount,
                 currency=cart.currency,
                 payment_received_at=payment_received_at,
             ),
-            result_type=SettleResult,
             start_to_close_timeout=timedelta(seconds=15),
             retry_policy=FOREVER,
             summary="verify the payment with Stripe, then commit the stock and mark the order paid",
@@ -352,17 +396,18 @@ class CheckoutWorkflow:
             self._cancel_requested = False
             self._set_status(PENDING, f"Payment is {intent.status}; waiting for Stripe")
             return False
-        self._undo = [u for u in self._undo if u[0] != CANCEL_INTENT]
+        self._undo.take(CANCEL_INTENT)  # done just above
         await self._compensate(status, reason)
         return True
 
     async def _compensate(self, status: str, reason: str) -> None:
         """Run the registered compensations, newest first; each retried until it succeeds."""
         self._closing_as = (status, reason)
-        while self._undo:
-            name, undo = self._undo.pop()
-            self._set_status(CheckoutStatus.COMPENSATING, f"Compensating ({reason}): {name}")
-            await undo()
+        await self._undo.run(
+            lambda name: self._set_status(
+                CheckoutStatus.COMPENSATING, f"Compensating ({reason}): {name}"
+            )
+        )
         if self._status not in CHECKOUT_FINAL:
             self._set_status(status, f"Checkout {status}: {reason}")
 
@@ -370,8 +415,7 @@ class CheckoutWorkflow:
         """Undo and answer the client. The stock and the order are settled before the answer;
         a PaymentIntent that may exist is cancelled after it: its client_secret never left the
         service, so nobody can pay it, and Stripe being down must not hold the answer back."""
-        cancel_intent = [u for u in self._undo if u[0] == CANCEL_INTENT]
-        self._undo = [u for u in self._undo if u[0] != CANCEL_INTENT]
+        cancel_intent = self._undo.take(CANCEL_INTENT)
         await self._compensate(REJECTED, failure.message)
         self._start = StartResult(failure=failure)
         self._set_status(REJECTED, f"Refused: {failure.code}: {failure.message}")
@@ -383,8 +427,8 @@ class CheckoutWorkflow:
 
     async def _close_order(self) -> None:
         status, reason = self._closing_as
-        await workflow.execute_activity(
-            "close_order",
+        await workflow.execute_activity_method(
+            OrderActivities.close_order,
             CloseOrderInput(
                 checkout_id=self._input.checkout_id,
                 order_id=self._input.order_id,
@@ -394,17 +438,15 @@ class CheckoutWorkflow:
                 # A refused checkout kept nothing: its Idempotency-Key is free again.
                 release_key=status == REJECTED,
             ),
-            result_type=str,
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=FOREVER,
             summary=f"release the stock and close order {self._input.order_id} as {status}",
         )
 
     async def _cancel_intent(self) -> IntentOut:
-        intent: IntentOut = await workflow.execute_activity(
-            "cancel_payment_intent",
+        intent: IntentOut = await workflow.execute_activity_method(
+            PaymentActivities.cancel_payment_intent,
             self._intent_input(),
-            result_type=IntentOut,
             start_to_close_timeout=timedelta(seconds=15),
             retry_policy=FOREVER,
             summary="cancel the PaymentIntent (unless the payment already succeeded)",
@@ -416,12 +458,11 @@ class CheckoutWorkflow:
     async def _refund_late_payment(self) -> None:
         assert self._intent is not None
         self._set_status(self._status, "Refunding a payment that arrived after the checkout closed")
-        await workflow.execute_activity(
-            "refund_late_payment",
+        await workflow.execute_activity_method(
+            RefundActivities.refund_late_payment,
             LatePaymentInput(
                 order_id=self._input.order_id, payment_intent_id=self._intent.payment_intent_id
             ),
-            result_type=LatePaymentResult,
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=FOREVER,
             summary="refund the payment that succeeded after the checkout closed",
@@ -437,10 +478,9 @@ class CheckoutWorkflow:
         self._set_status(PENDING, self._waiting_details())
 
     async def _record(self, type: str, data: dict[str, Any], key: str) -> None:
-        await workflow.execute_local_activity(
-            "record_order_event",
+        await workflow.execute_local_activity_method(
+            OrderActivities.record_order_event,
             OrderEventInput(order_id=self._input.order_id, type=type, data=data, dedupe_key=key),
-            result_type=bool,
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=FOREVER,
             summary=f"add {type} to the order's timeline",
@@ -451,14 +491,14 @@ class CheckoutWorkflow:
         return PaymentIntentInput(
             checkout_id=self._input.checkout_id,
             order_id=self._input.order_id,
-            amount=self._cart.subtotal,
+            amount=self._cart.amount,
             currency=self._cart.currency,
             payment_intent_id=self._intent.payment_intent_id if self._intent else None,
         )
 
     def _money(self) -> str:
         assert self._cart is not None
-        return f"{self._cart.subtotal} {self._cart.currency.upper()} (minor units)"
+        return f"{self._cart.amount} {self._cart.currency.upper()} (minor units)"
 
     def _waiting_details(self) -> str:
         failed = sum(1 for a in self._attempts if a.outcome == PaymentOutcome.FAILED)

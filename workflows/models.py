@@ -23,6 +23,17 @@ class CartItem(BaseModel):
     quantity: int
 
 
+class Address(BaseModel):
+    """Where the order ships; its country sets the tax rate (carts-and-pricing.md)."""
+
+    country: str
+    postal_code: str | None = None
+    city: str | None = None
+    line1: str | None = None
+    line2: str | None = None
+    name: str | None = None
+
+
 class CheckoutInput(BaseModel):
     checkout_id: uuid.UUID
     order_id: uuid.UUID
@@ -36,6 +47,12 @@ class CheckoutInput(BaseModel):
     # Refuse the checkout if its customer already has this many waiting for payment (None:
     # no limit, as for checkouts started before the limit existed).
     max_pending_checkouts: int | None = None
+    # Pricing terms (carts-and-pricing.md); absent from checkouts started before them.
+    address: Address | None = None
+    shipping_method: str | None = None
+    promotion_code: str | None = None
+    # The server-side cart the items were taken from.
+    cart_id: uuid.UUID | None = None
 
 
 class LineOut(BaseModel):

@@ -108,6 +108,11 @@ def _summary(view: OrderView) -> dict[str, object]:
             "shipping": order.shipping,
             "total": order.total,
         },
+        "address": order.address,
+        "shipping_method": order.shipping_method,
+        "promotion_code": order.promotion_code,
+        "pricing": order.pricing,
+        "cart_id": order.cart_id,
         "payment": (
             {
                 "provider": view.payment.provider,

@@ -52,6 +52,7 @@ from core.workflow_ids import (
 )
 from workflows.checkout import CheckoutWorkflow, start_search_attributes
 from workflows.models import (
+    Address,
     CartItem,
     CheckoutCreated,
     CheckoutFailure,
@@ -168,6 +169,7 @@ class CheckoutService:
         # Of the request as resolved: a customer's body with or without its own user_id is the
         # same request.
         request_fingerprint = fingerprint(body, user_id)
+        items = await self._items(body, caller)
 
         async def rate_limit() -> None:
             if caller.kind != CallerKind.ADMIN:
@@ -176,7 +178,7 @@ class CheckoutService:
         if not idempotency_key:
             await rate_limit()
             claim = KeyClaim(uuid.uuid4(), uuid.uuid4(), request_fingerprint, claimed=True)
-            result = await self._start_attempt(body, customer, claim)
+            result = await self._start_attempt(body, items, customer, claim)
             return self._created(result), True
 
         counted = False
@@ -204,7 +206,7 @@ class CheckoutService:
             if recorded is not None:
                 # Answered from the record: no second run, no update in the checkout's history.
                 return await self._replay(recorded), False
-            result = await self._start_attempt(body, customer, claim)
+            result = await self._start_attempt(body, items, customer, claim)
             joined_a_failed_attempt = (
                 not claim.claimed
                 and result.failure is not None
@@ -255,8 +257,15 @@ class CheckoutService:
             expires_at=recorded.expires_at,
         )
 
+    async def _items(self, body: CheckoutIn, caller: Caller) -> list[tuple[str, int]]:
+        """The lines to check out: the body's, or its server-side cart's as they are now."""
+        if body.items is not None:
+            return [(item.sku, item.quantity) for item in body.items]
+        assert body.cart_id is not None
+        raise NotImplementedError("TODO carts")
+
     async def _start_attempt(
-        self, body: CheckoutIn, customer: Customer, claim: KeyClaim
+        self, body: CheckoutIn, items: list[tuple[str, int]], customer: Customer, claim: KeyClaim
     ) -> StartResult:
         """Update-with-Start the claim's checkout (or, if it has ended, read its answer)."""
         _bind(claim.checkout_id, claim.order_id)
@@ -264,11 +273,15 @@ class CheckoutService:
             checkout_id=claim.checkout_id,
             order_id=claim.order_id,
             customer=customer,
-            items=[CartItem(sku=i.sku, quantity=i.quantity) for i in body.items],
+            items=[CartItem(sku=sku, quantity=quantity) for sku, quantity in items],
             metadata=body.metadata or {},
             payment_timeout_seconds=self.payment_timeout_seconds,
             request_fingerprint=claim.fingerprint,
             max_pending_checkouts=self.max_pending_checkouts,
+            address=Address(**body.address.model_dump()) if body.address else None,
+            shipping_method=body.shipping_method,
+            promotion_code=body.promotion_code,
+            cart_id=body.cart_id,
         )
 
         def operation() -> WithStartWorkflowOperation[Any, Any]:
@@ -282,7 +295,7 @@ class CheckoutService:
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 search_attributes=start_search_attributes(input),
-                static_summary=f"Checkout of {len(body.items)} line(s) for {customer.email}",
+                static_summary=f"Checkout of {len(items)} line(s) for {customer.email}",
             )
 
         try:

@@ -76,7 +76,7 @@ class Scripted(CheckoutService):
         self.asked: list[KeyClaim] = []
 
     async def _start_attempt(
-        self, body: CheckoutIn, customer: Customer, claim: KeyClaim
+        self, body: CheckoutIn, items: list[tuple[str, int]], customer: Customer, claim: KeyClaim
     ) -> StartResult:
         self.asked.append(claim)
         answer = self.answers.pop(0) or created(claim)

@@ -1,0 +1,140 @@
+"""Promotion uses, reserved like stock: one use per checkout, reserved in the transaction that
+reserves its stock, committed with the stock on payment, released with it on every other end.
+
+Correctness does not rest on this code alone: CHECKs on `promotions` and
+`promotion_customer_uses` refuse `used + reserved` above the limits (migration 0005). The code
+never tries: it locks the promotion's row (after the stock rows, always: the fixed order that
+keeps concurrent checkouts from deadlocking), checks both limits under that lock, then counts.
+Each checkout's use is a `promotion_uses` row, so a retry or a duplicate never counts twice:
+`active` -> `committed` | `released`, each move once.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.errors import NotFound, PromotionExhausted
+from core.vocabulary import ReservationStatus
+
+ACTIVE = ReservationStatus.ACTIVE
+COMMITTED = ReservationStatus.COMMITTED
+RELEASED = ReservationStatus.RELEASED
+
+_LOCK_PROMOTION = text(
+    "SELECT code, used, reserved, usage_limit, per_customer_limit FROM promotions"
+    " WHERE code_key = :code_key FOR UPDATE"
+)
+# The customer's counters, created at zero on their first use of the code; locked under the
+# promotion's lock, so the per-customer check cannot be raced either.
+_ENSURE_CUSTOMER = text(
+    "INSERT INTO promotion_customer_uses (code_key, customer_scope, used, reserved,"
+    " customer_limit) VALUES (:code_key, :scope, 0, 0, :limit)"
+    " ON CONFLICT (code_key, customer_scope) DO NOTHING"
+)
+_LOCK_CUSTOMER = text(
+    "SELECT used, reserved FROM promotion_customer_uses"
+    " WHERE code_key = :code_key AND customer_scope = :scope FOR UPDATE"
+)
+_HELD = text("SELECT status FROM promotion_uses WHERE checkout_id = :checkout_id")
+_RESERVE = text(
+    """
+    WITH use AS (
+        INSERT INTO promotion_uses (checkout_id, code_key, customer_scope, order_id, discount,
+                                    status)
+        VALUES (:checkout_id, :code_key, :scope, :order_id, :discount, 'active')
+    ), total AS (
+        UPDATE promotions SET reserved = reserved + 1, updated_at = now()
+        WHERE code_key = :code_key
+    )
+    UPDATE promotion_customer_uses SET reserved = reserved + 1
+    WHERE code_key = :code_key AND customer_scope = :scope
+    """
+)
+# A move takes the checkout's use from `active` to `:target` and moves one count from
+# `reserved` to `used` (`:used` = 1: committed) or off (`:used` = 0: released). The use row is
+# updated first and gates the counters: a second move finds no active row and changes nothing.
+_MOVE = text(
+    """
+    WITH moved AS (
+        UPDATE promotion_uses SET status = :target, updated_at = now()
+        WHERE checkout_id = :checkout_id AND status = 'active'
+        RETURNING code_key, customer_scope
+    ), total AS (
+        UPDATE promotions p SET reserved = p.reserved - 1, used = p.used + :used,
+                                updated_at = now()
+        FROM moved WHERE p.code_key = moved.code_key
+    ), customer AS (
+        UPDATE promotion_customer_uses c SET reserved = c.reserved - 1, used = c.used + :used
+        FROM moved WHERE c.code_key = moved.code_key AND c.customer_scope = moved.customer_scope
+    )
+    SELECT count(*) FROM moved
+    """
+)
+
+
+class PromotionLedger:
+    """Each method runs inside the caller's transaction (the one that moves the stock)."""
+
+    @staticmethod
+    async def reserve(
+        session: AsyncSession,
+        *,
+        checkout_id: uuid.UUID,
+        order_id: uuid.UUID,
+        code_key: str,
+        customer_scope: str,
+        discount: int,
+    ) -> bool:
+        """Reserve one use of the promotion for this checkout; True if this call reserved it,
+        False if the checkout already holds it. Raises `PromotionExhausted` (scope `total` or
+        `customer`) with nothing reserved, or `NotFound` if the promotion is gone."""
+        promotion = (await session.execute(_LOCK_PROMOTION, {"code_key": code_key})).one_or_none()
+        if promotion is None:
+            raise NotFound(f"no promotion {code_key}", details={"code": code_key})
+        if (await session.execute(_HELD, {"checkout_id": checkout_id})).first() is not None:
+            return False
+        if (
+            promotion.usage_limit is not None
+            and promotion.used + promotion.reserved >= promotion.usage_limit
+        ):
+            raise PromotionExhausted(promotion.code, promotion.usage_limit, "total")
+        params = {
+            "code_key": code_key,
+            "scope": customer_scope,
+            "limit": promotion.per_customer_limit,
+        }
+        await session.execute(_ENSURE_CUSTOMER, params)
+        customer = (await session.execute(_LOCK_CUSTOMER, params)).one()
+        limit = promotion.per_customer_limit
+        if limit is not None and customer.used + customer.reserved >= limit:
+            raise PromotionExhausted(promotion.code, limit, "customer")
+        await session.execute(
+            _RESERVE,
+            {
+                "checkout_id": checkout_id,
+                "code_key": code_key,
+                "scope": customer_scope,
+                "order_id": order_id,
+                "discount": discount,
+            },
+        )
+        return True
+
+    @staticmethod
+    async def commit(session: AsyncSession, checkout_id: uuid.UUID) -> bool:
+        """The order is paid: its use counts as used. True if this call moved it."""
+        moved = await session.scalar(
+            _MOVE, {"checkout_id": checkout_id, "target": COMMITTED, "used": 1}
+        )
+        return bool(moved)
+
+    @staticmethod
+    async def release(session: AsyncSession, checkout_id: uuid.UUID) -> bool:
+        """The checkout ended unpaid: its use is free again. True if this call moved it."""
+        moved = await session.scalar(
+            _MOVE, {"checkout_id": checkout_id, "target": RELEASED, "used": 0}
+        )
+        return bool(moved)

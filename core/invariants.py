@@ -10,6 +10,11 @@
 4. No order in a final state holds an active reservation.
 5. Each order's events count from 1 to `orders.event_sequence` with no gap, and the last one
    carries the order's status.
+6. For each promotion, `reserved` and `used` equal its active and committed uses, in total and
+   per customer; a use is active only while its order waits for payment, committed only for a
+   paid or refunded order.
+7. Each order's total is its subtotal - discount + shipping + tax, and its PaymentIntent's
+   amount is that total.
 """
 
 from __future__ import annotations
@@ -85,6 +90,46 @@ _INTENTS_OF_UNPAID = text(
 )
 
 
+_PROMOTION_COUNTS_MATCH_USES = text(
+    """
+    SELECT p.code, p.reserved, p.used,
+           count(*) FILTER (WHERE u.status = 'active') AS active,
+           count(*) FILTER (WHERE u.status = 'committed') AS committed
+    FROM promotions p LEFT JOIN promotion_uses u ON u.code_key = p.code_key
+    GROUP BY p.code_key, p.code, p.reserved, p.used
+    HAVING p.reserved <> count(*) FILTER (WHERE u.status = 'active')
+        OR p.used <> count(*) FILTER (WHERE u.status = 'committed')
+    UNION ALL
+    SELECT c.code_key || ' for ' || c.customer_scope, c.reserved, c.used,
+           count(*) FILTER (WHERE u.status = 'active'),
+           count(*) FILTER (WHERE u.status = 'committed')
+    FROM promotion_customer_uses c LEFT JOIN promotion_uses u
+         ON u.code_key = c.code_key AND u.customer_scope = c.customer_scope
+    GROUP BY c.code_key, c.customer_scope, c.reserved, c.used
+    HAVING c.reserved <> count(*) FILTER (WHERE u.status = 'active')
+        OR c.used <> count(*) FILTER (WHERE u.status = 'committed')
+    """
+)
+_USES_MATCH_ORDERS = text(
+    """
+    SELECT u.checkout_id, u.status AS use_status, o.status AS order_status
+    FROM promotion_uses u LEFT JOIN orders o ON o.checkout_id = u.checkout_id
+    WHERE (u.status = 'active' AND o.status IS DISTINCT FROM 'pending_payment')
+       OR (u.status = 'committed' AND o.status NOT IN ('paid', 'refunded'))
+       OR (u.status = 'released' AND o.status IN ('paid', 'refunded'))
+    """
+)
+_TOTALS_ADD_UP = text(
+    """
+    SELECT o.id AS order_id, o.subtotal, o.discount, o.shipping, o.tax, o.total,
+           p.amount AS charged
+    FROM orders o LEFT JOIN payments p ON p.order_id = o.id
+    WHERE o.total <> o.subtotal - o.discount + o.shipping + o.tax
+       OR (p.amount IS NOT NULL AND p.amount <> o.total)
+    """
+)
+
+
 @dataclass(frozen=True)
 class Violation:
     rule: str
@@ -119,6 +164,27 @@ _RULES: list[tuple[str, Any, Callable[[Any], str]]] = [
         lambda r: (
             f"order {r.order_id} ({r.status}): event_sequence={r.event_sequence}, "
             f"{r.events} event(s), the last one {r.last_status}"
+        ),
+    ),
+    (
+        "promotion_counts_match_uses",
+        _PROMOTION_COUNTS_MATCH_USES,
+        lambda r: (
+            f"{r.code}: reserved={r.reserved} used={r.used}, "
+            f"uses active={r.active} committed={r.committed}"
+        ),
+    ),
+    (
+        "promotion_uses_match_orders",
+        _USES_MATCH_ORDERS,
+        lambda r: f"checkout {r.checkout_id}: use {r.use_status}, order {r.order_status}",
+    ),
+    (
+        "totals_add_up",
+        _TOTALS_ADD_UP,
+        lambda r: (
+            f"order {r.order_id}: {r.subtotal} - {r.discount} + {r.shipping} + {r.tax}"
+            f" vs total {r.total}, charged {r.charged}"
         ),
     ),
 ]

@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core.db import SessionFactory
 from core.errors import InvalidPromotion, PromotionExhausted, ServiceError, ShippingUnavailable
+from core.invariants import check
 from core.orders import NewOrder, OrderStore
 from tests.core.test_order_store import BURST_LIMIT, put, query, stock_levels, store
 
@@ -134,6 +135,7 @@ async def test_fifty_concurrent_checkouts_of_a_five_use_code_give_five_and_nothi
     assert sum(isinstance(out, tuple) for out in outcomes) == 2
     assert await counters(db) == (0, 5)
     assert await stock_levels(db) == {"mug": (1000, 3 * 2 + 2 * 1)}
+    assert await check(db) == []
 
 
 async def test_per_customer_limit_holds_under_concurrency(
@@ -205,6 +207,7 @@ async def test_payment_commits_the_use_once_and_a_refund_keeps_it(
     with pytest.raises(PromotionExhausted):
         await store.open(order([("mug", 1)], email="other@example.com"))
     assert await stock_levels(db) == {"mug": (10, 0)}
+    assert await check(db) == []
 
 
 async def test_release_is_idempotent_and_every_close_frees_the_use(

@@ -38,6 +38,9 @@ class FakeWorld:
     timeline: list[tuple[str, str]] = field(default_factory=list)
     calls: Counter[str] = field(default_factory=Counter)
     stripe_down: bool = False
+    # Promotion uses by checkout: `active`, then `committed` or `released` (moved with the
+    # stock, as core/promotion_ledger.py does in the real store); 10 % off.
+    promotion_uses: dict[uuid.UUID, str] = field(default_factory=dict)
 
     def pay(self, intent_id: str, status: str = "succeeded") -> None:
         """What the customer's confirm does at Stripe."""
@@ -92,8 +95,16 @@ class FakeWorld:
                 [StockLine(line.sku, line.quantity) for line in lines],
             )
             self.orders[input.order_id] = "pending_payment"
+            if input.promotion_code is not None:
+                self.promotion_uses[input.checkout_id] = "active"
+        subtotal = sum(line.line_total for line in lines)
+        discount = (subtotal + 5) // 10 if input.promotion_code is not None else 0
         return PricedCartOut(
-            currency="usd", lines=lines, subtotal=sum(line.line_total for line in lines)
+            currency="usd",
+            lines=lines,
+            subtotal=subtotal,
+            discount=discount,
+            total=subtotal - discount,
         )
 
     def _settle(self, checkout_id: uuid.UUID, target: str) -> None:
@@ -107,6 +118,8 @@ class FakeWorld:
             if target == "committed":
                 self.on_hand[line.sku] -= line.quantity
         self.reservations[checkout_id] = (target, lines)
+        if self.promotion_uses.get(checkout_id) == "active":
+            self.promotion_uses[checkout_id] = target
 
     @activity.defn(name="create_payment_intent")
     async def create_payment_intent(self, input: PaymentIntentInput) -> IntentOut:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -430,3 +431,75 @@ async def test_a_payment_of_the_wrong_amount_is_refunded_and_never_marked_paid(
     assert world.intents[checkout.intent_id]["refunded"] == 1
     assert +world.reserved == {}
     assert world.on_hand == {"mug": 10, "tee": 10}
+
+
+def promoted() -> CheckoutInput:
+    return checkout_input().model_copy(update={"promotion_code": "SAVE10"})
+
+
+async def _expire(checkout: Checkout, world: FakeWorld) -> None:
+    await checkout.handle.result()
+
+
+async def _cancel(checkout: Checkout, world: FakeWorld) -> None:
+    await checkout.handle.execute_update(CheckoutWorkflow.cancel)
+
+
+async def _intent_canceled(checkout: Checkout, world: FakeWorld) -> None:
+    world.intents[checkout.intent_id]["status"] = "canceled"
+    await checkout.event(CANCELED)
+
+
+async def _workflow_cancelled(checkout: Checkout, world: FakeWorld) -> None:
+    await checkout.handle.cancel()
+
+
+async def _wrong_amount(checkout: Checkout, world: FakeWorld) -> None:
+    world.intents[checkout.intent_id]["amount"] += 1
+    world.pay(checkout.intent_id)
+    await checkout.event(SUCCEEDED)
+
+
+@pytest.mark.parametrize(
+    "end",
+    [_expire, _cancel, _intent_canceled, _workflow_cancelled, _wrong_amount],
+    ids=["expired", "cancelled", "intent_canceled", "workflow_cancelled", "wrong_amount"],
+)
+async def test_every_unpaid_end_releases_the_promotion_use(
+    ts_env: WorkflowEnvironment, worker: Worker, world: FakeWorld, task_queue: str, end: Any
+) -> None:
+    checkout = await open_checkout(ts_env, task_queue, promoted(), skip_time=end is _expire)
+    created = checkout.start.created
+    assert created is not None
+    # 4900 - 10 %: the discounted total is what the PaymentIntent asks for.
+    assert (created.totals.discount, created.totals.total) == (490, 4410)
+    assert world.intents[checkout.intent_id]["amount"] == 4410
+    assert world.promotion_uses == {checkout.input.checkout_id: "active"}
+
+    await end(checkout, world)
+    with contextlib.suppress(WorkflowFailureError):
+        await checkout.handle.result()
+
+    assert world.promotion_uses == {checkout.input.checkout_id: "released"}
+    assert +world.reserved == {}
+    assert world.orders[checkout.input.order_id] in ("cancelled", "expired")
+
+
+async def test_a_refused_checkout_and_a_failed_step_keep_no_promotion_use(
+    ts_env: WorkflowEnvironment, worker: Worker, world: FakeWorld, task_queue: str
+) -> None:
+    world.stripe_down = True
+    checkout = await open_checkout(ts_env, task_queue, promoted())
+    assert checkout.start.failure is not None
+    assert (await checkout.handle.result()).status == "rejected"
+    assert world.promotion_uses == {checkout.input.checkout_id: "released"}
+
+
+async def test_payment_commits_the_promotion_use(
+    ts_env: WorkflowEnvironment, worker: Worker, world: FakeWorld, task_queue: str
+) -> None:
+    checkout = await open_checkout(ts_env, task_queue, promoted())
+    world.pay(checkout.intent_id)
+    await checkout.event(SUCCEEDED)
+    assert (await checkout.handle.result()).status == "paid"
+    assert world.promotion_uses == {checkout.input.checkout_id: "committed"}

@@ -451,15 +451,20 @@ class OrderStore:
         payment that arrived after the order closed is not applied here).
         """
         async with self._sessions.begin() as session:
-            status = await session.scalar(
-                select(ORDERS.c.status).where(ORDERS.c.id == order_id).with_for_update()
-            )
-            if status is None:
+            row = (
+                await session.execute(
+                    select(ORDERS.c.status, ORDERS.c.promotion_code)
+                    .where(ORDERS.c.id == order_id)
+                    .with_for_update()
+                )
+            ).one_or_none()
+            if row is None:
                 raise NotFound(f"no order {order_id}", details={"order_id": str(order_id)})
-            if status != PENDING:
-                return str(status)
+            if row.status != PENDING:
+                return str(row.status)
             await self._ledger.commit(checkout_id, session=session)
-            await PromotionLedger.commit(session, checkout_id)
+            if row.promotion_code is not None:  # its use was reserved with the order
+                await PromotionLedger.commit(session, checkout_id)
             await session.execute(
                 _MARK_PAID,
                 {
@@ -499,7 +504,9 @@ class OrderStore:
             if order is not None and order.status != PENDING:
                 return order.status
             await self._ledger.release(checkout_id, session=session)
-            await PromotionLedger.release(session, checkout_id)
+            if order is not None and order.promotion_code is not None:
+                # Reserved in the order's transaction: no order, no use.
+                await PromotionLedger.release(session, checkout_id)
             if release_key:
                 await CheckoutKeyStore.release(session, checkout_id)
             if order is None:

@@ -16,8 +16,9 @@ from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, OutboxBacklog, RequestTelemetry
 from api.metrics import router as metrics_router
 from api.ratelimit import CheckoutLimiter
-from api.routes import admin, checkout, health, inventory, orders, webhooks
+from api.routes import admin, checkout, health, inventory, orders, pricing, quote, webhooks
 from api.services.checkout import CheckoutService
+from api.services.quote import QuoteService
 from api.services.refund import RefundService
 from api.services.webhook import WebhookInbox
 from core.catalog import Catalog
@@ -26,6 +27,7 @@ from core.db import create_engine, create_session_factory
 from core.event_feed import EventFeed
 from core.ledger import StockLedger
 from core.orders import OrderStore
+from core.pricing_catalog import PricingCatalog
 from core.sealing import Sealer
 from core.settings import Settings, load_settings
 from core.stripe_gateway import create_gateway
@@ -67,6 +69,11 @@ def create_app(
         gateway = create_gateway(settings)
         auth = Authenticator(settings)
         limiter = CheckoutLimiter(settings.rate_limit_checkouts, settings.redis_url)
+        # Quotes count against a budget of their own: quoting never spends a checkout.
+        quote_limiter = CheckoutLimiter(
+            settings.rate_limit_checkouts, settings.redis_url, key_prefix="quote"
+        )
+        pricing_catalog = PricingCatalog(sessions)
         orders = OrderStore(sessions, StockLedger(sessions))
         access = OrderAccess(orders)
         feed = EventFeed(sessions)
@@ -108,11 +115,14 @@ def create_app(
                 metrics,
             ),
             events=feed,
+            pricing=pricing_catalog,
+            quotes=QuoteService(pricing_catalog, quote_limiter),
         )
         try:
             yield
         finally:
             await limiter.aclose()
+            await quote_limiter.aclose()
             await auth.aclose()
             await gateway.aclose()
             await engine.dispose()
@@ -136,8 +146,12 @@ def create_app(
     app.include_router(health.router)
     app.include_router(metrics_router)
     app.include_router(inventory.router)
+    # Before checkout's routes: no pattern of theirs may take /checkout/quote.
+    app.include_router(quote.router)
     app.include_router(checkout.router)
     app.include_router(orders.router)
     app.include_router(webhooks.router)
     app.include_router(admin.router)
+    app.include_router(pricing.admin_router)
+    app.include_router(pricing.router)
     return app

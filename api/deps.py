@@ -15,12 +15,14 @@ from api.auth import Authenticator, Caller
 from api.metrics import ApiMetrics
 from api.ratelimit import CheckoutLimiter
 from api.services.checkout import CheckoutService
+from api.services.quote import QuoteService
 from api.services.refund import RefundService
 from api.services.webhook import WebhookInbox
 from core.catalog import Catalog
 from core.db import SessionFactory
 from core.event_feed import EventFeed
 from core.orders import OrderStore
+from core.pricing_catalog import PricingCatalog
 from core.settings import Settings
 from core.stripe_gateway import StripeGateway
 
@@ -42,6 +44,8 @@ class Services:
     refunds: RefundService
     webhooks: WebhookInbox
     events: EventFeed
+    pricing: PricingCatalog
+    quotes: QuoteService
 
 
 # The providers are `async def`: FastAPI runs a plain `def` dependency in its thread pool, two
@@ -112,6 +116,20 @@ async def _events(services: ServicesDep) -> EventFeed:
 
 
 EventsDep = Annotated[EventFeed, Depends(_events)]
+
+
+async def _pricing(services: ServicesDep) -> PricingCatalog:
+    return services.pricing
+
+
+PricingDep = Annotated[PricingCatalog, Depends(_pricing)]
+
+
+async def _quotes(services: ServicesDep) -> QuoteService:
+    return services.quotes
+
+
+QuotesDep = Annotated[QuoteService, Depends(_quotes)]
 
 
 def client_address(request: Request) -> str:

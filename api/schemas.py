@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import uuid
-from datetime import datetime
-from typing import Annotated, Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     EmailStr,
@@ -130,58 +131,6 @@ class ItemIn(BaseModel):
 
     sku: Sku
     quantity: Annotated[int, Field(strict=True, ge=1, le=1000)]
-
-
-def _line(max_length: int) -> Any:
-    return StringConstraints(strip_whitespace=True, min_length=1, max_length=max_length)
-
-
-AddressLine = Annotated[str, _line(200), AfterValidator(storable)]
-PostalCode = Annotated[str, _line(32), AfterValidator(storable)]
-
-
-CountryCode = Annotated[
-    str, StringConstraints(strip_whitespace=True, to_upper=True, pattern=r"^[A-Za-z]{2}$")
-]
-# Shipping method and promotion codes.
-CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
-
-
-class AddressIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    country: CountryCode = Field(description="ISO 3166-1 alpha-2; sets the tax rate")
-    postal_code: PostalCode | None = None
-    city: AddressLine | None = None
-    line1: AddressLine | None = None
-    line2: AddressLine | None = None
-    name: AddressLine | None = None
-
-
-class PricingIn(BaseModel):
-    """What prices a cart besides its lines (carts-and-pricing.md)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    address: AddressIn | None = None
-    shipping_method: Code | None = Field(default=None, description="needs `address`")
-    promotion_code: Code | None = Field(default=None, description="matched case-insensitively")
-
-
-class CheckoutIn(PricingIn):
-    customer: CustomerIn
-    items: list[ItemIn] | None = Field(default=None, min_length=1, max_length=100)
-    cart_id: uuid.UUID | None = Field(
-        default=None, description="check out this server-side cart instead of `items`"
-    )
-    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] | None = None
-
-    @model_validator(mode="after")
-    def _items_or_cart(self) -> CheckoutIn:
-        if (self.items is None) == (self.cart_id is None):
-            raise ValueError("give either `items` or `cart_id`, not both and not neither")
-        return self
 
 
 class LineOutSchema(BaseModel):
@@ -312,3 +261,209 @@ class OrderStatusOut(BaseModel):
 class WebhookAck(BaseModel):
     received: bool = True
     outcome: str = Field(description="acted, duplicate or ignored")
+
+
+# -- pricing (carts-and-pricing.md) ---------------------------------------------------------
+
+# Shipping method and promotion codes as operators name them (the admin routes' paths).
+PRICING_CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+COUNTRY_PATTERN = r"^[A-Za-z]{2}$"
+# ISO 3166-1 alpha-2, accepted in any case, stored and returned upper case.
+Country = Annotated[
+    str, StringConstraints(strip_whitespace=True, to_upper=True, pattern=COUNTRY_PATTERN)
+]
+MoneyOrZero = Annotated[int, Field(strict=True, ge=0, le=MAX_AMOUNT)]
+Count = Annotated[int, Field(strict=True, ge=0, le=MAX_STOCK)]
+# A code a client types: any storable text; one that names nothing is the contract's
+# `invalid_promotion` (`unknown`) or `shipping_unavailable`, not a validation error.
+ClientCode = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
+    AfterValidator(storable),
+]
+_Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    AfterValidator(storable),
+]
+_AddressLine = Annotated[str, StringConstraints(max_length=200), AfterValidator(storable)]
+
+
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00-05:00 has no UTC datetime
+        raise ValueError("is out of range") from None
+
+
+# With its UTC offset, as the contract's timestamps are; kept in UTC.
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+
+
+class ShippingMethodIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: _Name
+    price: MoneyOrZero = Field(description="minor units")
+    currency: Currency = Field(examples=["usd"])
+    countries: list[Country] = Field(
+        default_factory=list,
+        max_length=250,
+        description="ISO 3166-1 alpha-2 codes it ships to; empty: everywhere",
+    )
+    free_over: MoneyOrZero | None = Field(
+        default=None, description="free when subtotal - discount reaches this; null: never"
+    )
+    active: bool = True
+
+
+class ShippingMethodOut(BaseModel):
+    code: str
+    name: str
+    price: int
+    currency: str
+    countries: list[str]
+    free_over: int | None
+    active: bool
+
+
+class ShippingOptionOut(BaseModel):
+    code: str
+    name: str
+    price: int
+    currency: str
+    free_over: int | None
+
+
+class ShippingMethodsOut(BaseModel):
+    methods: list[ShippingOptionOut] = Field(description="active ones, cheapest first")
+
+
+class TaxRateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rate_bps: Annotated[int, Field(strict=True, ge=0, le=10_000)] = Field(
+        description="basis points: 2000 is 20%"
+    )
+    includes_shipping: bool = False
+
+
+class TaxRateOut(BaseModel):
+    country: str
+    rate_bps: int
+    includes_shipping: bool
+
+
+class PromotionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["percent", "fixed"]
+    value: Annotated[int, Field(strict=True, ge=1, le=MAX_AMOUNT)] = Field(
+        description="percent: 1..100; fixed: minor units of `currency`"
+    )
+    currency: Currency | None = Field(default=None, description="fixed only")
+    min_subtotal: MoneyOrZero | None = None
+    starts_at: UtcDatetime | None = None
+    ends_at: UtcDatetime | None = None
+    usage_limit: Count | None = Field(default=None, description="uses in total; null: no limit")
+    per_customer_limit: Annotated[int, Field(strict=True, ge=1, le=MAX_STOCK)] | None = None
+    active: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PromotionIn:
+        if self.kind == "percent" and self.value > 100:
+            raise ValueError("a percent promotion's value is 1..100")
+        if self.kind == "percent" and self.currency is not None:
+            raise ValueError("a percent promotion has no currency (fixed ones only)")
+        if self.kind == "fixed" and self.currency is None:
+            raise ValueError("a fixed promotion needs a currency")
+        if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
+            raise ValueError("ends_at must be after starts_at")
+        return self
+
+
+class PromotionOut(BaseModel):
+    code: str
+    kind: str
+    value: int
+    currency: str | None
+    min_subtotal: int | None
+    starts_at: datetime | None
+    ends_at: datetime | None
+    usage_limit: int | None
+    per_customer_limit: int | None
+    active: bool
+    used: int = Field(description="uses by paid orders")
+    reserved: int = Field(description="uses held by checkouts waiting for payment")
+
+
+class AddressIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    country: Country = Field(description="ISO 3166-1 alpha-2", examples=["US"])
+    postal_code: _AddressLine | None = None
+    city: _AddressLine | None = None
+    line1: _AddressLine | None = None
+    line2: _AddressLine | None = None
+    name: _AddressLine | None = None
+
+
+class QuoteIn(BaseModel):
+    """The checkout's body, as far as it prices: the same body may be sent to both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    customer: CustomerIn | None = Field(
+        default=None, description="optional; its per-customer promotion limit is checked"
+    )
+    items: list[ItemIn] = Field(min_length=1, max_length=100)
+    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] | None = Field(
+        default=None, description="accepted and ignored, as the checkout's body carries it"
+    )
+    address: AddressIn | None = None
+    shipping_method: ClientCode | None = Field(default=None, description="needs `address`")
+    promotion_code: ClientCode | None = None
+
+
+class QuotePromotionOut(BaseModel):
+    code: str
+    discount: int
+
+
+class QuoteOut(BaseModel):
+    currency: str
+    items: list[LineOutSchema]
+    totals: TotalsOut
+    promotion: QuotePromotionOut | None
+    shipping_methods: list[ShippingOptionOut] = Field(
+        description="active methods in the cart's currency that ship to the address (all of "
+        "them without an address)"
+    )
+
+
+class PricingIn(BaseModel):
+    """What prices a cart besides its lines (carts-and-pricing.md): the quote's and the
+    checkout's bodies validate them alike."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: AddressIn | None = None
+    shipping_method: ClientCode | None = Field(default=None, description="needs `address`")
+    promotion_code: ClientCode | None = Field(
+        default=None, description="matched case-insensitively"
+    )
+
+
+class CheckoutIn(PricingIn):
+    customer: CustomerIn
+    items: list[ItemIn] | None = Field(default=None, min_length=1, max_length=100)
+    cart_id: uuid.UUID | None = Field(
+        default=None, description="check out this server-side cart instead of `items`"
+    )
+    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] | None = None
+
+    @model_validator(mode="after")
+    def _items_or_cart(self) -> CheckoutIn:
+        if (self.items is None) == (self.cart_id is None):
+            raise ValueError("give either `items` or `cart_id`, not both and not neither")
+        return self

@@ -1,0 +1,58 @@
+"""The quote: what `POST /checkout` would charge for the same body, with nothing reserved."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from api.auth import Caller, CallerKind
+from api.client_address import rate_limit_identity
+from api.ratelimit import CheckoutLimiter
+from api.schemas import CustomerIn, QuoteIn
+from core.customers import customer_scope
+from core.errors import RateLimited
+from core.ledger import merge_lines
+from core.pricing import TermsRequest
+from core.pricing_catalog import PricingCatalog, Quote
+
+
+def quote_scope(customer: CustomerIn | None, caller: Caller) -> str | None:
+    """Whose per-customer promotion limit the quote checks: the customer token's `sub`; with
+    admin, the body's user_id, else its email; anyone else, the body's email (a guest cannot
+    claim a user id). None: no customer named, no per-customer check."""
+    if caller.kind == CallerKind.CUSTOMER and caller.user_id:
+        return customer_scope(caller.user_id, "")
+    if customer is None:
+        return None
+    user_id = customer.user_id if caller.kind == CallerKind.ADMIN else None
+    return customer_scope(user_id, customer.email)
+
+
+class QuoteService:
+    def __init__(self, pricing: PricingCatalog, limiter: CheckoutLimiter) -> None:
+        """`limiter`: the quotes' own budget per client address (RATE_LIMIT_CHECKOUTS, counted
+        apart from the checkouts' so that quoting never spends a client's checkouts)."""
+        self._pricing = pricing
+        self._limiter = limiter
+
+    async def quote(self, body: QuoteIn, caller: Caller, address: str) -> Quote:
+        """Price the body's lines and terms as a checkout opened now would."""
+        if caller.kind != CallerKind.ADMIN:
+            try:
+                await self._limiter.hit(rate_limit_identity(address))
+            except RateLimited as exc:
+                raise RateLimited(
+                    f"too many quotes from this address; retry in {exc.retry_after} s",
+                    retry_after=exc.retry_after,
+                    limit=exc.limit,
+                ) from None
+        request = TermsRequest(
+            country=body.address.country if body.address else None,
+            shipping_method=body.shipping_method,
+            promotion_code=body.promotion_code,
+        )
+        return await self._pricing.quote(
+            merge_lines((item.sku, item.quantity) for item in body.items),
+            request,
+            now=datetime.now(UTC),
+            customer_scope=quote_scope(body.customer, caller),
+        )

@@ -71,7 +71,7 @@ def create_app(
         limiter = CheckoutLimiter(settings.rate_limit_checkouts, settings.redis_url)
         # Quotes count against a budget of their own: quoting never spends a checkout.
         quote_limiter = CheckoutLimiter(
-            settings.rate_limit_checkouts, settings.redis_url, key_prefix="quote"
+            settings.rate_limit_quotes, settings.redis_url, key_prefix="quote"
         )
         pricing_catalog = PricingCatalog(sessions)
         orders = OrderStore(sessions, StockLedger(sessions))

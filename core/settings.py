@@ -170,6 +170,8 @@ class Settings(EventSettings):
     idempotency_key_ttl: int = Field(default=86400, ge=1, description="seconds")
     # Per client address and per customer, in the `limits` notation ("30/minute").
     rate_limit_checkouts: str = "30/minute"
+    # POST /checkout/quote per client address: a page view may quote, so a wider budget.
+    rate_limit_quotes: str = "120/minute"
     max_pending_checkouts: int = Field(default=3, ge=1)
     # Shared rate-limit counters between API processes; unset: per process.
     redis_url: str | None = None

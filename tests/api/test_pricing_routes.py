@@ -662,7 +662,7 @@ async def test_an_unknown_long_promotion_code_is_unknown_not_a_server_error(
 async def test_quotes_are_rate_limited_per_client_address_except_for_admin(
     db: SessionFactory, app_settings: Settings, admin_headers: dict[str, str]
 ) -> None:
-    settings = app_settings.model_copy(update={"rate_limit_checkouts": "3/hour"})
+    settings = app_settings.model_copy(update={"rate_limit_quotes": "3/hour"})
     async with running_app(settings) as api:
         await api.put("/admin/products/MUG", json=MUG, headers=admin_headers)
         body = {"items": [{"sku": "MUG", "quantity": 1}]}

@@ -16,10 +16,11 @@ from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, OutboxBacklog, RequestTelemetry
 from api.metrics import router as metrics_router
 from api.ratelimit import CheckoutLimiter
-from api.routes import admin, checkout, health, inventory, orders, webhooks
+from api.routes import admin, carts, checkout, health, inventory, orders, webhooks
 from api.services.checkout import CheckoutService
 from api.services.refund import RefundService
 from api.services.webhook import WebhookInbox
+from core.carts import CartStore
 from core.catalog import Catalog
 from core.checkout_keys import CheckoutKeyStore
 from core.db import create_engine, create_session_factory
@@ -108,6 +109,7 @@ def create_app(
                 metrics,
             ),
             events=feed,
+            carts=CartStore(sessions, ttl_seconds=settings.cart_ttl),
         )
         try:
             yield
@@ -140,4 +142,5 @@ def create_app(
     app.include_router(orders.router)
     app.include_router(webhooks.router)
     app.include_router(admin.router)
+    app.include_router(carts.router)
     return app

@@ -17,6 +17,7 @@ from api.ratelimit import CheckoutLimiter
 from api.services.checkout import CheckoutService
 from api.services.refund import RefundService
 from api.services.webhook import WebhookInbox
+from core.carts import CartStore
 from core.catalog import Catalog
 from core.db import SessionFactory
 from core.event_feed import EventFeed
@@ -42,6 +43,7 @@ class Services:
     refunds: RefundService
     webhooks: WebhookInbox
     events: EventFeed
+    carts: CartStore
 
 
 # The providers are `async def`: FastAPI runs a plain `def` dependency in its thread pool, two
@@ -112,6 +114,13 @@ async def _events(services: ServicesDep) -> EventFeed:
 
 
 EventsDep = Annotated[EventFeed, Depends(_events)]
+
+
+async def _carts(services: ServicesDep) -> CartStore:
+    return services.carts
+
+
+CartsDep = Annotated[CartStore, Depends(_carts)]
 
 
 def client_address(request: Request) -> str:

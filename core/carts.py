@@ -320,8 +320,9 @@ class CartStore:
                 .with_for_update()
             )
             locked = {cart.id: (cart, lapsed) for cart, lapsed in rows}
-            target = await self._reach(session, cart_id, locked.get(cart_id), caller)
-            self._precondition(target, if_match)
+            target = self._changeable(
+                await self._reach(session, cart_id, locked.get(cart_id), caller), if_match
+            )
             if target.customer_scope is None:
                 raise InvalidState(
                     f"cart {cart_id} is a guest cart; only a customer's cart takes a merge",
@@ -412,13 +413,7 @@ class CartStore:
         cart = await self._reach(
             session, cart_id, None if row is None else (row[0], row[1]), caller
         )
-        self._precondition(cart, if_match)
-        if cart.status != CartStatus.OPEN and cart.status not in allow:
-            raise InvalidState(
-                f"cart {cart_id} is {cart.status}; only an open cart can be changed",
-                details={"cart_id": str(cart_id), "status": cart.status},
-            )
-        return cart
+        return self._changeable(cart, if_match, allow)
 
     @staticmethod
     async def _reach(
@@ -455,12 +450,20 @@ class CartStore:
         raise _not_found(cart_id)
 
     @staticmethod
-    def _precondition(cart: Cart, if_match: int | None) -> None:
+    def _changeable(cart: Cart, if_match: int | None, allow: tuple[str, ...] = ()) -> Cart:
+        """The cart, if If-Match is current (else 412) and it is open (else 409; `allow` names
+        other statuses a change accepts)."""
         if if_match is not None and if_match != cart.version:
             raise VersionConflict(
                 f"cart {cart.id} is at version {cart.version}, not {if_match}; read it again",
                 details={"current_version": cart.version},
             )
+        if cart.status != CartStatus.OPEN and cart.status not in allow:
+            raise InvalidState(
+                f"cart {cart.id} is {cart.status}; only an open cart can be changed",
+                details={"cart_id": str(cart.id), "status": cart.status},
+            )
+        return cart
 
     async def _bump(self, session: AsyncSession, cart: Cart, *, status: str | None = None) -> Cart:
         """Count a change: version + 1, and a guest cart's CART_TTL starts again."""

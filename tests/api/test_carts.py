@@ -669,3 +669,23 @@ async def test_an_order_token_reaches_no_cart_and_creates_none(
 
     assert_error(await api.get(f"/carts/{cart['cart_id']}", headers=headers), 404, "not_found")
     assert_error(await api.post("/carts", headers=headers), 403, "forbidden")
+
+
+async def test_nothing_merges_into_a_closed_cart(
+    api: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    await product(api, admin_headers, "MUG")
+    ada = customer("ada")
+    mine = (await api.post("/carts", headers=ada)).json()
+    theirs = await new_guest_cart(api, items=[{"sku": "MUG", "quantity": 1}])
+    assert (await api.delete(f"/carts/{mine['cart_id']}", headers=ada)).status_code == 204
+
+    response = await api.post(
+        f"/carts/{mine['cart_id']}/merge",
+        json={"guest_cart_token": theirs["cart_token"]},
+        headers=ada,
+    )
+
+    assert_error(response, 409, "invalid_state")
+    guest_read = await api.get(f"/carts/{theirs['cart_id']}", headers=guest(theirs["cart_token"]))
+    assert guest_read.json()["status"] == "open"

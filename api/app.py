@@ -16,11 +16,22 @@ from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, OutboxBacklog, RequestTelemetry
 from api.metrics import router as metrics_router
 from api.ratelimit import CheckoutLimiter
-from api.routes import admin, checkout, health, inventory, orders, pricing, quote, webhooks
+from api.routes import (
+    admin,
+    carts,
+    checkout,
+    health,
+    inventory,
+    orders,
+    pricing,
+    quote,
+    webhooks,
+)
 from api.services.checkout import CheckoutService
 from api.services.quote import QuoteService
 from api.services.refund import RefundService
 from api.services.webhook import WebhookInbox
+from core.carts import CartStore
 from core.catalog import Catalog
 from core.checkout_keys import CheckoutKeyStore
 from core.db import create_engine, create_session_factory
@@ -117,6 +128,7 @@ def create_app(
             events=feed,
             pricing=pricing_catalog,
             quotes=QuoteService(pricing_catalog, quote_limiter),
+            carts=CartStore(sessions, ttl_seconds=settings.cart_ttl),
         )
         try:
             yield
@@ -154,4 +166,5 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(pricing.admin_router)
     app.include_router(pricing.router)
+    app.include_router(carts.router)
     return app

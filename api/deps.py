@@ -18,6 +18,7 @@ from api.services.checkout import CheckoutService
 from api.services.quote import QuoteService
 from api.services.refund import RefundService
 from api.services.webhook import WebhookInbox
+from core.carts import CartStore
 from core.catalog import Catalog
 from core.db import SessionFactory
 from core.event_feed import EventFeed
@@ -46,6 +47,7 @@ class Services:
     events: EventFeed
     pricing: PricingCatalog
     quotes: QuoteService
+    carts: CartStore
 
 
 # The providers are `async def`: FastAPI runs a plain `def` dependency in its thread pool, two
@@ -130,6 +132,13 @@ async def _quotes(services: ServicesDep) -> QuoteService:
 
 
 QuotesDep = Annotated[QuoteService, Depends(_quotes)]
+
+
+async def _carts(services: ServicesDep) -> CartStore:
+    return services.carts
+
+
+CartsDep = Annotated[CartStore, Depends(_carts)]
 
 
 def client_address(request: Request) -> str:

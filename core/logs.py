@@ -41,13 +41,15 @@ _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 _ids: ContextVar[Mapping[str, str]] = ContextVar("log_ids", default=_EMPTY)
 
 # Credentials by their shape: Stripe keys (sk_/rk_), webhook secrets (whsec_), PaymentIntent
-# client secrets (pi_..._secret_...), order access tokens (ot_ + 64), and whatever follows
-# "Bearer". A second line of defence: nothing logs them knowingly (tests/e2e check both).
+# client secrets (pi_..._secret_...), order access tokens (ot_ + 64), cart tokens (ct_ + 43),
+# and whatever follows "Bearer". A second line of defence: nothing logs them knowingly
+# (tests/e2e check both).
 SECRET_PATTERN: Final = re.compile(
     r"\b(?:sk|rk)_(?:live|test)_\w+"
     r"|\bwhsec_\w+"
     r"|\b\w+_secret_\w+"
     r"|\bot_[\w-]{16,}"
+    r"|\bct_[\w-]{16,}"
     r"|(?i:bearer)\s+[^\s\"',;]+"
 )
 REDACTED: Final = "[redacted]"

@@ -179,6 +179,8 @@ class Settings(EventSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Seconds between two runs of the `checkout-reconciler` schedule.
     reconcile_interval: int = Field(default=60, ge=1)
+    # Carts: a guest cart expires this many seconds after its last change (30 days).
+    cart_ttl: int = Field(default=30 * 86400, ge=1, description="seconds")
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)

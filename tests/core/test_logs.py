@@ -89,6 +89,7 @@ def test_a_line_written_in_a_span_names_its_trace(
         "whsec_0123456789abcdef",
         "pi_3Nf0abc_secret_XyZ123",
         "ot_" + "A1b2-C3d4_" * 6 + "Zz99",
+        "ct_" + "A1b2-C3d4_" * 4 + "Zz9",
         "Bearer some-admin-token",
     ],
 )

@@ -85,6 +85,7 @@ def create_app(
             settings.rate_limit_quotes, settings.redis_url, key_prefix="quote"
         )
         pricing_catalog = PricingCatalog(sessions)
+        carts = CartStore(sessions, ttl_seconds=settings.cart_ttl)
         orders = OrderStore(sessions, StockLedger(sessions))
         access = OrderAccess(orders)
         feed = EventFeed(sessions)
@@ -115,6 +116,7 @@ def create_app(
                 gateway,
                 Sealer(settings.secret_key.get_secret_value()),
                 metrics,
+                carts,
             ),
             refunds=RefundService(temporal, settings, orders),
             webhooks=WebhookInbox(
@@ -127,8 +129,8 @@ def create_app(
             ),
             events=feed,
             pricing=pricing_catalog,
-            quotes=QuoteService(pricing_catalog, quote_limiter),
-            carts=CartStore(sessions, ttl_seconds=settings.cart_ttl),
+            quotes=QuoteService(pricing_catalog, quote_limiter, carts),
+            carts=carts,
         )
         try:
             yield

@@ -8,6 +8,7 @@ A guest cart's token comes in `X-Cart-Token: <token>`, or as `Authorization: Bea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -39,12 +40,24 @@ def cart_caller(caller: Caller, cart_token: str | None) -> CartCaller:
     )
 
 
-async def _cart_caller(
+@dataclass(frozen=True)
+class Credentials:
+    """The caller as every route sees it, and a guest cart's token if one came."""
+
+    caller: Caller
+    cart_token: str | None
+
+    @property
+    def cart(self) -> CartCaller:
+        return cart_caller(self.caller, self.cart_token)
+
+
+async def _credentials(
     request: Request,
     services: ServicesDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     header_token: Annotated[str | None, Depends(cart_token_header)],
-) -> CartCaller:
+) -> Credentials:
     authorization = request.headers.get("authorization")
     bearer_token = None
     if authorization is not None:
@@ -54,7 +67,15 @@ async def _cart_caller(
     if bearer_token and header_token and bearer_token != header_token:
         raise Unauthorized(f"two different cart tokens (Authorization and {CART_TOKEN_HEADER})")
     caller = await services.auth.authenticate(authorization)
-    return cart_caller(caller, header_token or bearer_token)
+    return Credentials(caller, header_token or bearer_token)
+
+
+# For the routes that take a cart by id besides the rest (POST /checkout, the quote).
+CredentialsDep = Annotated[Credentials, Depends(_credentials)]
+
+
+async def _cart_caller(credentials: CredentialsDep) -> CartCaller:
+    return credentials.cart
 
 
 CartCallerDep = Annotated[CartCaller, Depends(_cart_caller)]

@@ -416,13 +416,22 @@ class QuoteIn(BaseModel):
     customer: CustomerIn | None = Field(
         default=None, description="optional; its per-customer promotion limit is checked"
     )
-    items: list[ItemIn] = Field(min_length=1, max_length=100)
+    items: list[ItemIn] | None = Field(default=None, min_length=1, max_length=100)
+    cart_id: uuid.UUID | None = Field(
+        default=None, description="quote this server-side cart instead of `items`"
+    )
     metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] | None = Field(
         default=None, description="accepted and ignored, as the checkout's body carries it"
     )
     address: AddressIn | None = None
     shipping_method: ClientCode | None = Field(default=None, description="needs `address`")
     promotion_code: ClientCode | None = None
+
+    @model_validator(mode="after")
+    def _items_or_cart(self) -> QuoteIn:
+        if (self.items is None) == (self.cart_id is None):
+            raise ValueError("give either `items` or `cart_id`, not both and not neither")
+        return self
 
 
 class QuotePromotionOut(BaseModel):

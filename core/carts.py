@@ -61,6 +61,10 @@ class CartStatus(StrEnum):
     EXPIRED = "expired"
 
 
+class CartNotOpen(InvalidState):
+    """A checkout of a cart that is checked out, merged, deleted or expired (409)."""
+
+
 @dataclass(frozen=True)
 class CartCaller:
     """What a request presents to carts, built at the edge from its credentials.
@@ -193,9 +197,8 @@ class CartStore:
         async with self._sessions() as session:
             cart = await self._reached(session, cart_id, caller)
             if cart.status != CartStatus.OPEN:
-                raise ServiceError(
+                raise CartNotOpen(
                     f"cart {cart_id} is {cart.status}; only an open cart can be checked out",
-                    code=ErrorCode.VALIDATION_ERROR,
                     details={"cart_id": str(cart_id), "status": cart.status},
                 )
             lines = await self._items(session, cart_id)

@@ -19,6 +19,7 @@ from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.carts import CartStore
 from core.catalog import PricedCart, PricedLine, load_products, price
 from core.checkout_keys import CheckoutKeyStore
 from core.customers import customer_scope
@@ -218,11 +219,6 @@ _MARK_PAID = text(
         INSERT INTO order_events (order_id, type, data, dedupe_key)
         VALUES (:order_id, 'paid', CAST(:data AS jsonb), :key)
         ON CONFLICT (dedupe_key) DO NOTHING
-    ), cart AS (
-        -- The server-side cart it was made from is checked out (a change: its version too).
-        UPDATE carts SET status = 'checked_out', order_id = :order_id,
-                         version = version + 1, updated_at = now()
-        WHERE id = (SELECT cart_id FROM orders WHERE id = :order_id) AND status = 'open'
     )
     INSERT INTO outbox (event_type, aggregate_id, sequence, payload, dedupe_key)
     SELECT 'order.paid', paid.id, paid.event_sequence, {_PAID_PAYLOAD},
@@ -453,7 +449,7 @@ class OrderStore:
         async with self._sessions.begin() as session:
             row = (
                 await session.execute(
-                    select(ORDERS.c.status, ORDERS.c.promotion_code)
+                    select(ORDERS.c.status, ORDERS.c.promotion_code, ORDERS.c.cart_id)
                     .where(ORDERS.c.id == order_id)
                     .with_for_update()
                 )
@@ -465,6 +461,8 @@ class OrderStore:
             await self._ledger.commit(checkout_id, session=session)
             if row.promotion_code is not None:  # its use was reserved with the order
                 await PromotionLedger.commit(session, checkout_id)
+            if row.cart_id is not None:  # made from a server-side cart: it is checked out
+                await CartStore.mark_checked_out(session, row.cart_id, order_id)
             await session.execute(
                 _MARK_PAID,
                 {

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
 
+from api.cart_access import CredentialsDep
 from api.deps import CallerDep, CheckoutsDep, ServicesDep, client_address
 from api.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
@@ -49,14 +50,16 @@ IdempotencyKey = Annotated[
 async def post_checkout(
     body: CheckoutIn,
     request: Request,
-    caller: CallerDep,
+    credentials: CredentialsDep,
     services: ServicesDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> CheckoutOut:
-    """Reserve the cart's stock, create the order and its PaymentIntent, and answer at once."""
+    """Reserve the cart's stock, create the order and its PaymentIntent, and answer at once.
+    With `cart_id`, the lines are that server-side cart's (its token in X-Cart-Token, or its
+    customer's token, or admin)."""
     created, first = await services.checkouts.start(
-        body, idempotency_key, caller, client_address(request)
+        body, idempotency_key, credentials.caller, client_address(request), credentials.cart
     )
     response.status_code = 201 if first else 200
     return CheckoutOut.model_validate(

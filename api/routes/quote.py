@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from api.deps import CallerDep, QuotesDep, client_address
+from api.cart_access import CredentialsDep
+from api.deps import QuotesDep, client_address
 from api.routes.pricing import shipping_option
 from api.schemas import ErrorBody, LineOutSchema, QuoteIn, QuoteOut, QuotePromotionOut, TotalsOut
 
@@ -26,10 +27,10 @@ router = APIRouter(tags=["checkout"])
     },
 )
 async def post_quote(
-    body: QuoteIn, request: Request, caller: CallerDep, quotes: QuotesDep
+    body: QuoteIn, request: Request, credentials: CredentialsDep, quotes: QuotesDep
 ) -> QuoteOut:
     """Price a cart as POST /checkout would (same body), without reserving anything."""
-    quote = await quotes.quote(body, caller, client_address(request))
+    quote = await quotes.quote(body, credentials.caller, client_address(request), credentials.cart)
     return QuoteOut(
         currency=quote.cart.currency,
         items=[

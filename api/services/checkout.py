@@ -36,6 +36,7 @@ from api.metrics import ApiMetrics
 from api.ratelimit import CheckoutLimiter
 from api.schemas import CheckoutIn
 from core import logs
+from core.carts import CartCaller, CartNotOpen, CartStore
 from core.checkout_keys import CheckoutKeyStore, KeyClaim, RecordedCheckout
 from core.customers import customer_scope
 from core.errors import ErrorCode, Forbidden, InvalidState, NotFound, ServiceError, Unavailable
@@ -138,6 +139,7 @@ class CheckoutService:
         stripe: StripeGateway,
         sealer: Sealer,
         metrics: ApiMetrics | None = None,
+        carts: CartStore | None = None,
     ) -> None:
         self._client = client
         self._metrics = metrics or ApiMetrics()
@@ -148,6 +150,7 @@ class CheckoutService:
         self.limiter = limiter
         self._stripe = stripe
         self._sealer = sealer
+        self._carts = carts
         # Read at each checkout's start and fixed in its input from then on; tests and load
         # runs may change them on a running service.
         self.payment_timeout_seconds = settings.checkout_payment_timeout
@@ -155,7 +158,12 @@ class CheckoutService:
         self.key_ttl_seconds = settings.idempotency_ttl_seconds
 
     async def start(
-        self, body: CheckoutIn, idempotency_key: str | None, caller: Caller, address: str
+        self,
+        body: CheckoutIn,
+        idempotency_key: str | None,
+        caller: Caller,
+        address: str,
+        cart_caller: CartCaller | None = None,
     ) -> tuple[CheckoutCreated, bool]:
         """Start (or rejoin) the checkout; returns it and whether this request created it.
 
@@ -169,7 +177,15 @@ class CheckoutService:
         # Of the request as resolved: a customer's body with or without its own user_id is the
         # same request.
         request_fingerprint = fingerprint(body, user_id)
-        items = await self._items(body, caller)
+        try:
+            items = await self._items(body, cart_caller)
+        except CartNotOpen:
+            # The cart was checked out by this very request's checkout (now paid): a replay of
+            # its key answers that checkout, as any replay does.
+            found = await self._keys.find(scope, idempotency_key) if idempotency_key else None
+            if found is None or found[1] is None or found[0].fingerprint != request_fingerprint:
+                raise
+            return await self._replay(found[1]), False
 
         async def rate_limit() -> None:
             if caller.kind != CallerKind.ADMIN:
@@ -257,12 +273,20 @@ class CheckoutService:
             expires_at=recorded.expires_at,
         )
 
-    async def _items(self, body: CheckoutIn, caller: Caller) -> list[tuple[str, int]]:
-        """The lines to check out: the body's, or its server-side cart's as they are now."""
+    async def _items(
+        self, body: CheckoutIn, cart_caller: CartCaller | None
+    ) -> list[tuple[str, int]]:
+        """The lines to check out: the body's, or its server-side cart's as they are now
+        (`CartStore.checkout_lines`: 401/404 for a caller it does not reach, 409 if it is not
+        open, 422 if it is empty)."""
         if body.items is not None:
             return [(item.sku, item.quantity) for item in body.items]
         assert body.cart_id is not None
-        raise NotImplementedError("TODO carts")
+        if self._carts is None or cart_caller is None:
+            raise ServiceError(
+                "this service takes no server-side carts", code=ErrorCode.VALIDATION_ERROR
+            )
+        return await self._carts.checkout_lines(body.cart_id, cart_caller)
 
     async def _start_attempt(
         self, body: CheckoutIn, items: list[tuple[str, int]], customer: Customer, claim: KeyClaim

@@ -8,8 +8,9 @@ from api.auth import Caller, CallerKind
 from api.client_address import rate_limit_identity
 from api.ratelimit import CheckoutLimiter
 from api.schemas import CustomerIn, QuoteIn
+from core.carts import CartCaller, CartStore
 from core.customers import customer_scope
-from core.errors import RateLimited
+from core.errors import ErrorCode, RateLimited, ServiceError
 from core.ledger import merge_lines
 from core.pricing import TermsRequest
 from core.pricing_catalog import PricingCatalog, Quote
@@ -28,13 +29,18 @@ def quote_scope(customer: CustomerIn | None, caller: Caller) -> str | None:
 
 
 class QuoteService:
-    def __init__(self, pricing: PricingCatalog, limiter: CheckoutLimiter) -> None:
+    def __init__(
+        self, pricing: PricingCatalog, limiter: CheckoutLimiter, carts: CartStore | None = None
+    ) -> None:
         """`limiter`: the quotes' own budget per client address (RATE_LIMIT_CHECKOUTS, counted
         apart from the checkouts' so that quoting never spends a client's checkouts)."""
         self._pricing = pricing
         self._limiter = limiter
+        self._carts = carts
 
-    async def quote(self, body: QuoteIn, caller: Caller, address: str) -> Quote:
+    async def quote(
+        self, body: QuoteIn, caller: Caller, address: str, cart_caller: CartCaller | None = None
+    ) -> Quote:
         """Price the body's lines and terms as a checkout opened now would."""
         if caller.kind != CallerKind.ADMIN:
             try:
@@ -50,8 +56,16 @@ class QuoteService:
             shipping_method=body.shipping_method,
             promotion_code=body.promotion_code,
         )
+        if body.items is not None:
+            lines = [(item.sku, item.quantity) for item in body.items]
+        elif self._carts is not None and cart_caller is not None and body.cart_id is not None:
+            lines = await self._carts.checkout_lines(body.cart_id, cart_caller)
+        else:
+            raise ServiceError(
+                "this service takes no server-side carts", code=ErrorCode.VALIDATION_ERROR
+            )
         return await self._pricing.quote(
-            merge_lines((item.sku, item.quantity) for item in body.items),
+            merge_lines(lines),
             request,
             now=datetime.now(UTC),
             customer_scope=quote_scope(body.customer, caller),

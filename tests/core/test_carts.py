@@ -54,7 +54,7 @@ async def test_an_empty_or_closed_cart_cannot_be_checked_out(carts: CartStore) -
     await carts.delete(full.id, BOB)
     with pytest.raises(ServiceError) as closed:
         await carts.checkout_lines(full.id, BOB)
-    assert closed.value.code == ErrorCode.VALIDATION_ERROR
+    assert closed.value.code == ErrorCode.INVALID_STATE
 
 
 async def test_mark_checked_out_closes_an_open_cart_once(

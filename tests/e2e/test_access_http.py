@@ -715,3 +715,39 @@ async def test_the_access_token_is_stored_nowhere_in_clear(stack: Stack) -> None
         if any(secret in dump for secret in secrets)
     ]
     assert leaks == []
+
+
+async def test_a_customer_merges_a_guest_cart_on_login_and_checks_it_out_as_itself(
+    stack: Stack,
+) -> None:
+    for sku in ("MUG", "TEE"):
+        response = await stack.api.put(
+            f"/admin/products/{sku}",
+            json={"name": sku.title(), "unit_price": 1000, "currency": "usd", "on_hand": 10},
+            headers=ADMIN,
+        )
+        assert response.status_code == 200, response.text
+    guest = (await stack.api.post("/carts", json={"items": [{"sku": "MUG", "quantity": 2}]})).json()
+    alice = customer("alice")
+    mine = await stack.api.post(
+        "/carts", json={"items": [{"sku": "TEE", "quantity": 1}]}, headers=alice
+    )
+    assert mine.status_code == 201, mine.text
+    cart_id = mine.json()["cart_id"]
+    merged = await stack.api.post(
+        f"/carts/{cart_id}/merge", json={"guest_cart_token": guest["cart_token"]}, headers=alice
+    )
+    assert merged.status_code == 200, merged.text
+    body = {"customer": {"email": "alice@example.com"}, "cart_id": cart_id}
+
+    # Another customer does not reach Alice's cart; neither does the merged guest cart's token.
+    assert (await post_checkout(stack, body, headers=customer("bob"))).status_code == 404
+    closed_guest = await post_checkout(
+        stack, {**body, "cart_id": guest["cart_id"]}, headers={"X-Cart-Token": guest["cart_token"]}
+    )
+    assert closed_guest.status_code == 409
+    created = await opened(stack, body, headers=alice)
+    assert [(i["sku"], i["quantity"]) for i in created["items"]] == [("MUG", 2), ("TEE", 1)]
+    order = (await stack.api.get(f"/orders/{created['order_id']}", headers=alice)).json()
+    assert order["customer"] == {"email": "alice@example.com", "user_id": "alice"}
+    assert order["cart_id"] == cart_id

@@ -17,6 +17,7 @@ from activities.orders import OrderActivities
 from activities.payments import PaymentActivities
 from activities.reconcile import ReconcileActivities
 from activities.refunds import RefundActivities
+from core.carts import CartStore
 from core.checkout_keys import CheckoutKeyStore
 from core.db import SessionFactory, create_engine, create_session_factory
 from core.ledger import StockLedger
@@ -58,7 +59,13 @@ def build_worker(
     )
     refunds = RefundActivities(gateway, orders)
     reconcile = ReconcileActivities(
-        ReconciliationStore(sessions), CheckoutKeyStore(sessions), orders, payments, gateway, client
+        ReconciliationStore(sessions),
+        CheckoutKeyStore(sessions),
+        orders,
+        payments,
+        gateway,
+        client,
+        CartStore(sessions, ttl_seconds=settings.cart_ttl),
     )
     return Worker(
         client,

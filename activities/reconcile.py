@@ -19,6 +19,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.payments import PaymentActivities, PaymentIntentInput, SettleInput
+from core.carts import CartStore
 from core.checkout_keys import CheckoutKeyStore
 from core.orders import OrderStore
 from core.reconciliation import ExpiredCheckout, ReconciliationStore
@@ -102,7 +103,9 @@ class ReconcileActivities:
         payments: PaymentActivities,
         gateway: StripeGateway,
         temporal: Client,
+        carts: CartStore | None = None,
     ) -> None:
+        self._carts = carts
         self._store = store
         self._keys = keys
         self._orders = orders
@@ -143,7 +146,13 @@ class ReconcileActivities:
     @activity.defn(name="forget_expired_keys")
     async def forget_expired_keys(self) -> int:
         """Delete Idempotency-Keys past their TTL (a batch; an expired key is also claimed anew
-        by its next request, so this only keeps the table small)."""
+        by its next request, so this only keeps the table small); and close the guest carts
+        past CART_TTL as `expired` (they are 404 from the moment they lapse; this makes it
+        final)."""
+        if self._carts is not None:
+            expired = await self._carts.expire()
+            if expired:
+                activity.logger.info("reconciler: %d guest cart(s) expired", expired)
         return await self._keys.delete_expired()
 
     @activity.defn(name="settle_stale_checkout")

@@ -9,9 +9,11 @@ import uuid
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from tests.e2e.stack import Stack
 from tests.e2e.test_checkout_http import ADMIN, cancel, inventory, put_product
+from tests.e2e.test_reconciler_http import reconcile
 
 pytestmark = pytest.mark.e2e
 
@@ -139,3 +141,25 @@ async def test_a_cart_checked_out_twice_concurrently_with_one_key_gives_one_orde
     assert await inventory(stack, "MUG") == (10, 3, 7)
     orders = (await stack.api.get("/orders", headers=ADMIN)).json()["orders"]
     assert len(orders) == 1
+
+
+async def test_the_reconciler_closes_lapsed_guest_carts_for_good(stack: Stack) -> None:
+    lapsed = await guest_cart(stack)
+    fresh = await guest_cart(stack)
+    async with stack.services.sessions.begin() as session:
+        await session.execute(
+            text("UPDATE carts SET expires_at = now() - interval '1 second' WHERE id = :id"),
+            {"id": lapsed["cart_id"]},
+        )
+    # Lapsed: 404 at once, before any job ran.
+    gone = await stack.api.get(f"/carts/{lapsed['cart_id']}", headers=token(lapsed))
+    assert gone.status_code == 404
+
+    await reconcile(stack)
+
+    async with stack.services.sessions() as session:
+        rows = (await session.execute(text("SELECT id, status FROM carts"))).all()
+    assert {str(r.id): r.status for r in rows} == {
+        lapsed["cart_id"]: "expired",
+        fresh["cart_id"]: "open",
+    }

@@ -37,11 +37,15 @@ IdempotencyKey = Annotated[
         200: {"model": CheckoutOut, "description": "the same Idempotency-Key and body again"},
         401: {"model": ErrorBody, "description": "a credential that does not verify"},
         403: {"model": ErrorBody, "description": "user_id not the caller's, or an order token"},
-        409: {"model": ErrorBody, "description": "insufficient_stock"},
+        404: {"model": ErrorBody, "description": "a cart_id the caller does not reach"},
+        409: {
+            "model": ErrorBody,
+            "description": "insufficient_stock, promotion_exhausted, invalid_state (a closed cart)",
+        },
         422: {
             "model": ErrorBody,
             "description": "validation_error, unknown_sku, quantity_limit_exceeded, "
-            "idempotency_key_reused",
+            "idempotency_key_reused, invalid_promotion, shipping_unavailable",
         },
         429: {"model": ErrorBody, "description": "rate_limited, too_many_pending_checkouts"},
         503: {"model": ErrorBody, "description": "unavailable: nothing was kept"},

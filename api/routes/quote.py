@@ -16,7 +16,11 @@ router = APIRouter(tags=["checkout"])
     "/checkout/quote",
     responses={
         401: {"model": ErrorBody, "description": "a credential that does not verify"},
-        409: {"model": ErrorBody, "description": "promotion_exhausted"},
+        404: {"model": ErrorBody, "description": "a cart_id the caller does not reach"},
+        409: {
+            "model": ErrorBody,
+            "description": "promotion_exhausted, invalid_state (a closed cart)",
+        },
         422: {
             "model": ErrorBody,
             "description": "validation_error, unknown_sku, quantity_limit_exceeded, "

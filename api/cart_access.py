@@ -16,7 +16,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials
 
 from api.auth import Caller, CallerKind
 from api.deps import ServicesDep, bearer
-from core.carts import CART_TOKEN_PREFIX, CartCaller
+from core.carts import CART_TOKEN, CART_TOKEN_PREFIX, CartCaller
 from core.errors import Unauthorized
 
 CART_TOKEN_HEADER = "X-Cart-Token"  # noqa: S105 (a header's name, not a secret)
@@ -66,8 +66,12 @@ async def _credentials(
             bearer_token, authorization = token.strip(), None
     if bearer_token and header_token and bearer_token != header_token:
         raise Unauthorized(f"two different cart tokens (Authorization and {CART_TOKEN_HEADER})")
+    cart_token = header_token or bearer_token
+    if cart_token is not None and not CART_TOKEN.fullmatch(cart_token):
+        # On every route that reads it, a cart request or not (v2: a malformed credential).
+        raise Unauthorized("malformed cart token")
     caller = await services.auth.authenticate(authorization)
-    return Credentials(caller, header_token or bearer_token)
+    return Credentials(caller, cart_token)
 
 
 # For the routes that take a cart by id besides the rest (POST /checkout, the quote).

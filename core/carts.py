@@ -45,7 +45,7 @@ from core.pricing import Totals, compute_totals
 CART_TOKEN_PREFIX = "ct_"  # noqa: S105 (a prefix, not a secret)
 # `ct_` + secrets.token_urlsafe(32): 256 random bits, 43 base64url characters.
 CART_TOKEN_PATTERN = r"^ct_[A-Za-z0-9_-]{43}$"  # noqa: S105 (a shape, not a secret)
-_CART_TOKEN = re.compile(CART_TOKEN_PATTERN)
+CART_TOKEN = re.compile(CART_TOKEN_PATTERN)
 # The cart_items CHECK: one line holds 1..1000 units.
 MAX_LINE_QUANTITY = 1000
 
@@ -192,8 +192,8 @@ class CartStore:
 
     async def checkout_lines(self, cart_id: uuid.UUID, caller: CartCaller) -> list[tuple[str, int]]:
         """The (sku, quantity) lines a checkout takes from this cart, by SKU. Raises
-        `Unauthorized`/`NotFound` as the cart routes do, and validation_error when the cart is
-        not open or is empty."""
+        `Unauthorized`/`NotFound` as the cart routes do, `CartNotOpen` (409) when the cart is
+        not open and validation_error when it is empty."""
         async with self._sessions() as session:
             cart = await self._reached(session, cart_id, caller)
             if cart.status != CartStatus.OPEN:
@@ -430,7 +430,7 @@ class CartStore:
         was ever given (v2: an unknown credential is 401, one that does not reach 404)."""
         presented = None
         if caller.cart_token is not None:
-            if not _CART_TOKEN.fullmatch(caller.cart_token):
+            if not CART_TOKEN.fullmatch(caller.cart_token):
                 raise Unauthorized("malformed cart token")
             presented = token_hash(caller.cart_token)
         if row is not None:

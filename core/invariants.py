@@ -115,8 +115,13 @@ _USES_MATCH_ORDERS = text(
     SELECT u.checkout_id, u.status AS use_status, o.status AS order_status
     FROM promotion_uses u LEFT JOIN orders o ON o.checkout_id = u.checkout_id
     WHERE (u.status = 'active' AND o.status IS DISTINCT FROM 'pending_payment')
-       OR (u.status = 'committed' AND o.status NOT IN ('paid', 'refunded'))
+       OR (u.status = 'committed' AND coalesce(o.status, '') NOT IN ('paid', 'refunded'))
        OR (u.status = 'released' AND o.status IN ('paid', 'refunded'))
+    UNION ALL
+    -- An order priced with a promotion holds its use.
+    SELECT o.checkout_id, 'none', o.status FROM orders o
+    WHERE o.promotion_code IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM promotion_uses u WHERE u.checkout_id = o.checkout_id)
     """
 )
 _TOTALS_ADD_UP = text(

@@ -29,6 +29,20 @@ from core.errors import ErrorCode, InvalidPromotion, ServiceError, ShippingUnava
 PERCENT = "percent"
 FIXED = "fixed"
 
+# Stripe's smallest charge per currency, in minor units (its "minimum and maximum charge
+# amounts"); a PaymentIntent below it is refused. Other currencies: 50 minor units.
+MINIMUM_CHARGE = {
+    "usd": 50, "eur": 50, "gbp": 30, "aud": 50, "cad": 50, "chf": 50, "nzd": 50, "sgd": 50,
+    "brl": 50, "inr": 50, "jpy": 50, "aed": 200, "bgn": 100, "czk": 1500, "dkk": 250,
+    "hkd": 400, "huf": 17500, "mxn": 1000, "myr": 200, "nok": 300, "pln": 200, "ron": 200,
+    "sek": 300, "thb": 1000,
+}  # fmt: skip
+DEFAULT_MINIMUM_CHARGE = 50
+
+
+def minimum_charge(currency: str) -> int:
+    return MINIMUM_CHARGE.get(currency.lower(), DEFAULT_MINIMUM_CHARGE)
+
 
 def half_up(numerator: int, denominator: int) -> int:
     """numerator / denominator rounded half up, for numerator >= 0 and denominator > 0."""
@@ -171,6 +185,16 @@ class Terms:
         totals = compute_totals(
             cart.subtotal, promotion=self.promotion, shipping=self.shipping, tax=self.tax
         )
+        minimum = minimum_charge(cart.currency)
+        if totals.total < minimum:
+            # A PaymentIntent cannot charge it (a free order, a discount down to pennies):
+            # refused here, at once, rather than by Stripe after the stock is reserved.
+            raise ServiceError(
+                f"the order total {totals.total} is below the smallest amount that can be "
+                f"charged in {cart.currency.upper()} ({minimum})",
+                code=ErrorCode.VALIDATION_ERROR,
+                details={"total": totals.total, "minimum": minimum, "currency": cart.currency},
+            )
         if totals.total > MAX_CHARGE:
             raise ServiceError(
                 f"the order total {totals.total} exceeds the largest chargeable amount "

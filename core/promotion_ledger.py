@@ -54,23 +54,30 @@ _RESERVE = text(
     """
 )
 # A move takes the checkout's use from `active` to `:target` and moves one count from
-# `reserved` to `used` (`:used` = 1: committed) or off (`:used` = 0: released). The use row is
-# updated first and gates the counters: a second move finds no active row and changes nothing.
+# `reserved` to `used` (`:used` = 1: committed) or off (`:used` = 0: released). First the
+# promotion's row is locked through the checkout's active use: the order every transaction
+# takes (stock, promotion, customer), which a single statement's CTEs would not keep (the
+# data-modifying CTEs nobody reads run after the main statement, last one first). Moves of one
+# checkout are serialised by its order's row lock, which the callers hold.
+_LOCK_MOVING = text(
+    """
+    SELECT u.code_key, u.customer_scope
+    FROM promotion_uses u JOIN promotions p ON p.code_key = u.code_key
+    WHERE u.checkout_id = :checkout_id AND u.status = 'active'
+    FOR UPDATE OF p
+    """
+)
 _MOVE = text(
     """
     WITH moved AS (
         UPDATE promotion_uses SET status = :target, updated_at = now()
         WHERE checkout_id = :checkout_id AND status = 'active'
-        RETURNING code_key, customer_scope
     ), total AS (
-        UPDATE promotions p SET reserved = p.reserved - 1, used = p.used + :used,
-                                updated_at = now()
-        FROM moved WHERE p.code_key = moved.code_key
-    ), customer AS (
-        UPDATE promotion_customer_uses c SET reserved = c.reserved - 1, used = c.used + :used
-        FROM moved WHERE c.code_key = moved.code_key AND c.customer_scope = moved.customer_scope
+        UPDATE promotions SET reserved = reserved - 1, used = used + :used, updated_at = now()
+        WHERE code_key = :code_key
     )
-    SELECT count(*) FROM moved
+    UPDATE promotion_customer_uses SET reserved = reserved - 1, used = used + :used
+    WHERE code_key = :code_key AND customer_scope = :scope
     """
 )
 
@@ -126,15 +133,28 @@ class PromotionLedger:
     @staticmethod
     async def commit(session: AsyncSession, checkout_id: uuid.UUID) -> bool:
         """The order is paid: its use counts as used. True if this call moved it."""
-        moved = await session.scalar(
-            _MOVE, {"checkout_id": checkout_id, "target": COMMITTED, "used": 1}
-        )
-        return bool(moved)
+        return await PromotionLedger._move(session, checkout_id, COMMITTED, used=1)
 
     @staticmethod
     async def release(session: AsyncSession, checkout_id: uuid.UUID) -> bool:
         """The checkout ended unpaid: its use is free again. True if this call moved it."""
-        moved = await session.scalar(
-            _MOVE, {"checkout_id": checkout_id, "target": RELEASED, "used": 0}
+        return await PromotionLedger._move(session, checkout_id, RELEASED, used=0)
+
+    @staticmethod
+    async def _move(
+        session: AsyncSession, checkout_id: uuid.UUID, target: str, *, used: int
+    ) -> bool:
+        use = (await session.execute(_LOCK_MOVING, {"checkout_id": checkout_id})).one_or_none()
+        if use is None:
+            return False  # no use, or moved already
+        await session.execute(
+            _MOVE,
+            {
+                "checkout_id": checkout_id,
+                "target": target,
+                "used": used,
+                "code_key": use.code_key,
+                "scope": use.customer_scope,
+            },
         )
-        return bool(moved)
+        return True

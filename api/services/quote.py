@@ -18,14 +18,14 @@ from core.pricing_catalog import PricingCatalog, Quote
 
 def quote_scope(customer: CustomerIn | None, caller: Caller) -> str | None:
     """Whose per-customer promotion limit the quote checks: the customer token's `sub`; with
-    admin, the body's user_id, else its email; anyone else, the body's email (a guest cannot
-    claim a user id). None: no customer named, no per-customer check."""
+    admin, the body's user_id, else its email. None: no per-customer check. A guest's quote
+    checks none: with no credential and nothing reserved, it would tell anyone whether some
+    email has used a code (the checkout checks it, under its rate limits)."""
     if caller.kind == CallerKind.CUSTOMER and caller.user_id:
         return customer_scope(caller.user_id, "")
-    if customer is None:
+    if customer is None or caller.kind != CallerKind.ADMIN:
         return None
-    user_id = customer.user_id if caller.kind == CallerKind.ADMIN else None
-    return customer_scope(user_id, customer.email)
+    return customer_scope(customer.user_id, customer.email)
 
 
 class QuoteService:

@@ -596,6 +596,13 @@ async def test_an_exhausted_promotion_is_promotion_exhausted_in_the_quote(
     assert (
         await catalog.post("/checkout/quote", json=quote_body(promotion_code="SAVE10"))
     ).status_code == 200
+    # Nor does a guest naming one: an anonymous quote must not tell whether that email used
+    # the code (the checkout checks it).
+    await hold_uses(db, "save10", used=2, reserved=2, customers={"email:ada@example.com": 2})
+    named = quote_body(promotion_code="SAVE10") | {"customer": {"email": "Ada@example.com"}}
+    assert (await catalog.post("/checkout/quote", json=named)).status_code == 200
+    as_admin = await catalog.post("/checkout/quote", json=named, headers=admin_headers)
+    assert assert_error(as_admin, 409, "promotion_exhausted")["details"]["scope"] == "customer"
 
     await hold_uses(db, "save10", used=3, reserved=2)
     total = await catalog.post("/checkout/quote", json=quote_body(promotion_code="save10"))

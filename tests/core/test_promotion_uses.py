@@ -19,6 +19,7 @@ from core.db import SessionFactory
 from core.errors import InvalidPromotion, PromotionExhausted, ServiceError, ShippingUnavailable
 from core.invariants import check
 from core.orders import NewOrder, OrderStore
+from core.pricing_catalog import PricingCatalog
 from tests.core.test_order_store import BURST_LIMIT, put, query, stock_levels, store
 
 __all__ = ["store"]  # the fixture, shared with the order store's tests
@@ -328,3 +329,65 @@ async def test_a_refused_term_keeps_nothing(
     assert await stock_levels(db) == {"mug": (10, 0)}
     assert await query(db, "SELECT id FROM orders") == []
     assert await counters(db) == (0, 0)
+
+
+async def test_paying_closing_opening_and_changing_limits_at_once_never_deadlock(
+    db: SessionFactory, store: OrderStore
+) -> None:
+    """One customer's checkouts of one code settle while others open and an operator edits the
+    limits: every transaction takes stock, promotion, then customer rows, so none waits on
+    another in a cycle (PostgreSQL would abort one with DeadlockDetected)."""
+    await put(db, {"mug": ("Mug", 1000, 1000)})
+    await seed_promotion(db, "SAVE10", per_customer_limit=1000, usage_limit=10_000)
+    catalog = PricingCatalog(db)
+    first = [order([("mug", 1)], user_id="ada") for _ in range(20)]
+    await open_all(store, first)
+
+    async def pay(new: NewOrder) -> str:
+        await store.attach_payment(
+            new.order_id, intent_id=f"pi_{new.order_id.hex}", status="requires_payment_method",
+            amount=900, currency="usd",
+        )  # fmt: skip
+        return await store.mark_paid(
+            new.checkout_id, new.order_id, intent_id=f"pi_{new.order_id.hex}",
+            intent_status="succeeded", amount=900, currency="usd",
+        )  # fmt: skip
+
+    async def edit(limit: int) -> object:
+        return await catalog.put_promotion(
+            "SAVE10", kind="percent", value=10, currency=None, min_subtotal=None,
+            starts_at=None, ends_at=None, usage_limit=10_000, per_customer_limit=limit,
+            active=True,
+        )  # fmt: skip
+
+    async def close(new: NewOrder) -> str:
+        return await store.close(new.checkout_id, new.order_id, status="cancelled", reason="t")
+
+    second = [order([("mug", 1)], user_id="ada") for _ in range(20)]
+    async with asyncio.timeout(BURST_LIMIT * 2):
+        outcomes = await asyncio.gather(
+            *(pay(o) for o in first[:10]),
+            *(
+                store.close(o.checkout_id, o.order_id, status="cancelled", reason="t")
+                for o in first[10:]
+            ),
+            *(store.open(o) for o in second),
+            *(edit(1000 + i) for i in range(10)),
+            return_exceptions=True,
+        )
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []
+    assert await counters(db) == (10, 20)
+    assert await check(db) == []
+
+
+async def test_a_total_below_the_smallest_charge_is_refused_and_keeps_nothing(
+    db: SessionFactory, store: OrderStore
+) -> None:
+    await put(db, {"mug": ("Mug", 1000, 10)})
+    await seed_promotion(db, "FREE", value=100)
+    with pytest.raises(ServiceError) as refused:
+        await store.open(order([("mug", 1)], promotion_code="free"))
+    assert refused.value.code == "validation_error"
+    assert refused.value.details == {"total": 0, "minimum": 50, "currency": "usd"}
+    assert await stock_levels(db) == {"mug": (10, 0)}
+    assert await counters(db, "free") == (0, 0)

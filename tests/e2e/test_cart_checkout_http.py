@@ -118,6 +118,12 @@ async def test_a_cart_needs_its_credential_to_be_checked_out(stack: Stack) -> No
         headers=token(cart),
     )
     assert both.status_code == 422
+    # A malformed cart token is a malformed credential wherever it is sent (v2: 401).
+    items = {"customer": {"email": "ada@example.com"}, "items": [{"sku": "MUG", "quantity": 1}]}
+    for bad in ({"X-Cart-Token": "ct_short"}, {"Authorization": "Bearer ct_short"}):
+        refused = await stack.api.post("/checkout", json=items, headers=bad)
+        assert refused.status_code == 401, refused.text
+    assert await inventory(stack, "MUG") == (10, 1, 9)
 
 
 async def test_an_empty_cart_is_refused(stack: Stack) -> None:

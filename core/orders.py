@@ -277,7 +277,10 @@ class OrderStore:
                 expires_at=new.expires_at,
                 session=session,
             )
-            if terms.promotion is not None:
+            created = await self._insert(session, new, cart, terms.snapshot(totals))
+            if created and terms.promotion is not None:
+                # Last, so that the promotion's row (which every checkout of the code needs)
+                # is locked for as short a time as can be: a refusal rolls it all back.
                 await PromotionLedger.reserve(
                     session,
                     checkout_id=new.checkout_id,
@@ -286,7 +289,7 @@ class OrderStore:
                     customer_scope=scope,
                     discount=totals.discount,
                 )
-            if not await self._insert(session, new, cart, terms.snapshot(totals)):
+            if not created:
                 # A concurrent attempt created the order first (the ledger waited for it and
                 # returned its reservation): answer with what it recorded, not this pricing.
                 recorded = await self._recorded_cart(session, new.checkout_id)

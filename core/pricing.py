@@ -244,16 +244,26 @@ class TermsRequest:
     promotion_code: str | None = None
 
 
-_SHIPPING = text(
-    "SELECT code, name, price, currency, countries, free_over, active"
-    " FROM shipping_methods WHERE code = :code"
+# The three terms a request may name, in one round trip: each join matches nothing when its
+# parameter is null (or names nothing).
+_TERMS = text(
+    """
+    SELECT s.code AS s_code, s.name AS s_name, s.price AS s_price, s.currency AS s_currency,
+           s.countries AS s_countries, s.free_over AS s_free_over, s.active AS s_active,
+           t.country AS t_country, t.rate_bps AS t_rate_bps,
+           t.includes_shipping AS t_includes_shipping,
+           p.code_key, p.code, p.kind, p.value, p.currency, p.min_subtotal, p.starts_at,
+           p.ends_at, p.usage_limit, p.per_customer_limit, p.active
+    FROM (SELECT 1) AS one
+    LEFT JOIN shipping_methods s ON s.code = CAST(:shipping AS text)
+    LEFT JOIN tax_rates t ON t.country = CAST(:country AS text)
+    LEFT JOIN promotions p ON p.code_key = lower(CAST(:promotion AS text))
+    """
 )
-_TAX = text("SELECT country, rate_bps, includes_shipping FROM tax_rates WHERE country = :country")
-_PROMOTION = (
-    "SELECT code_key, code, kind, value, currency, min_subtotal, starts_at, ends_at,"
-    " usage_limit, per_customer_limit, active FROM promotions WHERE code_key = lower(:code)"
-)
-_SELECT_PROMOTION = text(_PROMOTION)
+_PROMOTION_FIELDS = (
+    "code_key", "code", "kind", "value", "currency", "min_subtotal", "starts_at", "ends_at",
+    "usage_limit", "per_customer_limit", "active",
+)  # fmt: skip
 
 
 async def load_terms(session: AsyncSession, request: TermsRequest) -> Terms:
@@ -261,48 +271,56 @@ async def load_terms(session: AsyncSession, request: TermsRequest) -> Terms:
     method, a method without an address, or one that does not ship there) and
     `InvalidPromotion(unknown)`; the rest is checked against the cart by `Terms.price`."""
     country = request.country.upper() if request.country else None
+    if country is None and request.shipping_method is not None:
+        raise ShippingUnavailable(
+            "a shipping method needs an address to ship to",
+            details={"shipping_method": request.shipping_method, "reason": "no_address"},
+        )
+    if country is None and request.shipping_method is None and request.promotion_code is None:
+        return Terms()
+    row = (
+        await session.execute(
+            _TERMS,
+            {
+                "shipping": request.shipping_method,
+                "country": country,
+                "promotion": request.promotion_code,
+            },
+        )
+    ).one()
     shipping = None
     if request.shipping_method is not None:
-        if country is None:
-            raise ShippingUnavailable(
-                "a shipping method needs an address to ship to",
-                details={"shipping_method": request.shipping_method, "reason": "no_address"},
-            )
-        row = (await session.execute(_SHIPPING, {"code": request.shipping_method})).one_or_none()
-        if row is None or not row.active:
+        if row.s_code is None or not row.s_active:
             raise ShippingUnavailable(
                 f"unknown shipping method {request.shipping_method}",
                 details={"shipping_method": request.shipping_method, "reason": "unknown"},
             )
         shipping = ShippingTerms(
-            code=row.code,
-            name=row.name,
-            price=row.price,
-            currency=row.currency,
-            countries=tuple(row.countries),
-            free_over=row.free_over,
-            active=row.active,
+            code=row.s_code,
+            name=row.s_name,
+            price=row.s_price,
+            currency=row.s_currency,
+            countries=tuple(row.s_countries),
+            free_over=row.s_free_over,
+            active=row.s_active,
         )
+        assert country is not None
         if not shipping.ships_to(country):
             raise ShippingUnavailable(
                 f"shipping method {shipping.code} does not ship to {country}",
                 details={"shipping_method": shipping.code, "reason": "country"},
             )
     tax = None
-    if country is not None:
-        row = (await session.execute(_TAX, {"country": country})).one_or_none()
-        if row is not None:
-            tax = TaxTerms(row.country, row.rate_bps, row.includes_shipping)
+    if row.t_country is not None:
+        tax = TaxTerms(row.t_country, row.t_rate_bps, row.t_includes_shipping)
     promotion = None
     if request.promotion_code is not None:
-        row = (
-            await session.execute(_SELECT_PROMOTION, {"code": request.promotion_code})
-        ).one_or_none()
-        if row is None:
+        if row.code_key is None:
             raise InvalidPromotion(
                 request.promotion_code,
                 "unknown",
                 f"unknown promotion code {request.promotion_code}",
             )
-        promotion = PromotionTerms(**row._asdict())
+        fields = row._mapping
+        promotion = PromotionTerms(**{name: fields[name] for name in _PROMOTION_FIELDS})
     return Terms(country=country, shipping=shipping, tax=tax, promotion=promotion)

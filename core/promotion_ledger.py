@@ -23,22 +23,22 @@ ACTIVE = ReservationStatus.ACTIVE
 COMMITTED = ReservationStatus.COMMITTED
 RELEASED = ReservationStatus.RELEASED
 
+# The promotion's row, locked (the mutex of every change to its uses: reservations, moves,
+# an operator's new limits), with what this checkout and this customer hold.
 _LOCK_PROMOTION = text(
-    "SELECT code, used, reserved, usage_limit, per_customer_limit FROM promotions"
-    " WHERE code_key = :code_key FOR UPDATE"
+    """
+    SELECT p.code, p.used, p.reserved, p.usage_limit, p.per_customer_limit,
+           EXISTS (SELECT 1 FROM promotion_uses u WHERE u.checkout_id = :checkout_id) AS held,
+           coalesce(c.used, 0) + coalesce(c.reserved, 0) AS customer_holds
+    FROM promotions p
+    LEFT JOIN promotion_customer_uses c
+           ON c.code_key = p.code_key AND c.customer_scope = :scope
+    WHERE p.code_key = :code_key
+    FOR UPDATE OF p
+    """
 )
-# The customer's counters, created at zero on their first use of the code; locked under the
-# promotion's lock, so the per-customer check cannot be raced either.
-_ENSURE_CUSTOMER = text(
-    "INSERT INTO promotion_customer_uses (code_key, customer_scope, used, reserved,"
-    " customer_limit) VALUES (:code_key, :scope, 0, 0, :limit)"
-    " ON CONFLICT (code_key, customer_scope) DO NOTHING"
-)
-_LOCK_CUSTOMER = text(
-    "SELECT used, reserved FROM promotion_customer_uses"
-    " WHERE code_key = :code_key AND customer_scope = :scope FOR UPDATE"
-)
-_HELD = text("SELECT status FROM promotion_uses WHERE checkout_id = :checkout_id")
+# The checkout's use, the promotion's count and the customer's (created at its first use,
+# with a copy of the limit for its CHECK), in one statement under the promotion's lock.
 _RESERVE = text(
     """
     WITH use AS (
@@ -49,8 +49,11 @@ _RESERVE = text(
         UPDATE promotions SET reserved = reserved + 1, updated_at = now()
         WHERE code_key = :code_key
     )
-    UPDATE promotion_customer_uses SET reserved = reserved + 1
-    WHERE code_key = :code_key AND customer_scope = :scope
+    INSERT INTO promotion_customer_uses (code_key, customer_scope, used, reserved,
+                                         customer_limit)
+    VALUES (:code_key, :scope, 0, 1, :limit)
+    ON CONFLICT (code_key, customer_scope)
+    DO UPDATE SET reserved = promotion_customer_uses.reserved + 1
     """
 )
 # A move takes the checkout's use from `active` to `:target` and moves one count from
@@ -98,35 +101,23 @@ class PromotionLedger:
         """Reserve one use of the promotion for this checkout; True if this call reserved it,
         False if the checkout already holds it. Raises `PromotionExhausted` (scope `total` or
         `customer`) with nothing reserved, or `NotFound` if the promotion is gone."""
-        promotion = (await session.execute(_LOCK_PROMOTION, {"code_key": code_key})).one_or_none()
+        params = {"checkout_id": checkout_id, "code_key": code_key, "scope": customer_scope}
+        promotion = (await session.execute(_LOCK_PROMOTION, params)).one_or_none()
         if promotion is None:
             raise NotFound(f"no promotion {code_key}", details={"code": code_key})
-        if (await session.execute(_HELD, {"checkout_id": checkout_id})).first() is not None:
+        if promotion.held:
             return False
         if (
             promotion.usage_limit is not None
             and promotion.used + promotion.reserved >= promotion.usage_limit
         ):
             raise PromotionExhausted(promotion.code, promotion.usage_limit, "total")
-        params = {
-            "code_key": code_key,
-            "scope": customer_scope,
-            "limit": promotion.per_customer_limit,
-        }
-        await session.execute(_ENSURE_CUSTOMER, params)
-        customer = (await session.execute(_LOCK_CUSTOMER, params)).one()
         limit = promotion.per_customer_limit
-        if limit is not None and customer.used + customer.reserved >= limit:
+        if limit is not None and promotion.customer_holds >= limit:
             raise PromotionExhausted(promotion.code, limit, "customer")
         await session.execute(
             _RESERVE,
-            {
-                "checkout_id": checkout_id,
-                "code_key": code_key,
-                "scope": customer_scope,
-                "order_id": order_id,
-                "discount": discount,
-            },
+            {**params, "order_id": order_id, "discount": discount, "limit": limit},
         )
         return True
 

@@ -237,3 +237,21 @@ async def test_the_order_token_reads_the_priced_order_and_nobody_else_does(stack
     assert stranger.status_code == 401
     mine = await stack.api.get(f"/orders/{created['order_id']}", headers=as_owner(created))
     assert mine.json()["totals"]["total"] == created["totals"]["total"]
+
+
+async def test_a_per_customer_limit_holds_under_concurrent_checkouts(stack: Stack) -> None:
+    await seed(stack, per_customer_limit=2)
+    same_guest = [
+        priced(("MUG", 1), email=email)
+        for email in ["ada@example.com", "ADA@example.com", "Ada@Example.com"] * 3
+    ]
+    responses = await asyncio.gather(*(stack.api.post("/checkout", json=b) for b in same_guest))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [201] * 2 + [409] * 7, [r.text for r in responses if r.status_code != 201]
+    assert {
+        (r.json()["error"], r.json()["details"]["scope"]) for r in responses if r.status_code == 409
+    } == {("promotion_exhausted", "customer")}
+    # Another customer has uses of their own.
+    await start(stack, priced(("MUG", 1), email="grace@example.com"))
+    assert await promotion(stack) == (0, 3)
+    assert await inventory(stack, "MUG") == (100, 3, 97)

@@ -503,3 +503,4 @@ async def test_payment_commits_the_promotion_use(
     await checkout.event(SUCCEEDED)
     assert (await checkout.handle.result()).status == "paid"
     assert world.promotion_uses == {checkout.input.checkout_id: "committed"}
+    await save_history(checkout.handle, "promoted_paid")

@@ -23,18 +23,21 @@ ACTIVE = ReservationStatus.ACTIVE
 COMMITTED = ReservationStatus.COMMITTED
 RELEASED = ReservationStatus.RELEASED
 
-# The promotion's row, locked (the mutex of every change to its uses: reservations, moves,
-# an operator's new limits), with what this checkout and this customer hold.
+# The promotion's row, locked: the mutex of every change to its uses (reservations, moves, an
+# operator's new limits). Alone in its statement: READ COMMITTED re-reads only the locked row
+# once the lock is granted, so anything else read here could be from before the lock.
 _LOCK_PROMOTION = text(
+    "SELECT code, used, reserved, usage_limit, per_customer_limit FROM promotions"
+    " WHERE code_key = :code_key FOR UPDATE"
+)
+# Then, in a statement whose snapshot follows the lock (so every change made under it is
+# seen): whether this checkout holds a use already, and what this customer holds.
+_HELD = text(
     """
-    SELECT p.code, p.used, p.reserved, p.usage_limit, p.per_customer_limit,
-           EXISTS (SELECT 1 FROM promotion_uses u WHERE u.checkout_id = :checkout_id) AS held,
-           coalesce(c.used, 0) + coalesce(c.reserved, 0) AS customer_holds
-    FROM promotions p
-    LEFT JOIN promotion_customer_uses c
-           ON c.code_key = p.code_key AND c.customer_scope = :scope
-    WHERE p.code_key = :code_key
-    FOR UPDATE OF p
+    SELECT EXISTS (SELECT 1 FROM promotion_uses WHERE checkout_id = :checkout_id) AS held,
+           coalesce((SELECT used + reserved FROM promotion_customer_uses
+                     WHERE code_key = :code_key AND customer_scope = :scope), 0)
+               AS customer_holds
     """
 )
 # The checkout's use, the promotion's count and the customer's (created at its first use,
@@ -105,7 +108,8 @@ class PromotionLedger:
         promotion = (await session.execute(_LOCK_PROMOTION, params)).one_or_none()
         if promotion is None:
             raise NotFound(f"no promotion {code_key}", details={"code": code_key})
-        if promotion.held:
+        held = (await session.execute(_HELD, params)).one()
+        if held.held:
             return False
         if (
             promotion.usage_limit is not None
@@ -113,7 +117,7 @@ class PromotionLedger:
         ):
             raise PromotionExhausted(promotion.code, promotion.usage_limit, "total")
         limit = promotion.per_customer_limit
-        if limit is not None and promotion.customer_holds >= limit:
+        if limit is not None and held.customer_holds >= limit:
             raise PromotionExhausted(promotion.code, limit, "customer")
         await session.execute(
             _RESERVE,

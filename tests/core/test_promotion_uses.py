@@ -391,3 +391,21 @@ async def test_a_total_below_the_smallest_charge_is_refused_and_keeps_nothing(
     assert refused.value.details == {"total": 0, "minimum": 50, "currency": "usd"}
     assert await stock_levels(db) == {"mug": (10, 0)}
     assert await counters(db, "free") == (0, 0)
+
+
+async def test_the_per_customer_limit_holds_for_checkouts_of_different_skus(
+    db: SessionFactory, store: OrderStore
+) -> None:
+    """Checkouts that share no stock row meet only at the promotion's row lock: what they read
+    of the customer's uses must be read after that lock, not from before it (READ COMMITTED
+    re-reads only the locked row)."""
+    skus = {f"sku-{i}": (f"Item {i}", 1000, 10) for i in range(12)}
+    await put(db, skus)
+    await seed_promotion(db, "SAVE10", per_customer_limit=2)
+    orders = [order([(sku, 1)], user_id="ada") for sku in skus]
+    outcomes = await open_all(store, orders)
+    assert sum(isinstance(out, tuple) for out in outcomes) == 2
+    refused = [out for out in outcomes if not isinstance(out, tuple)]
+    assert all(isinstance(out, PromotionExhausted) for out in refused), refused[:2]
+    assert await counters(db) == (0, 2)
+    assert await check(db) == []

@@ -408,32 +408,6 @@ class AddressIn(BaseModel):
     name: _AddressLine | None = None
 
 
-class QuoteIn(BaseModel):
-    """The checkout's body, as far as it prices: the same body may be sent to both."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    customer: CustomerIn | None = Field(
-        default=None, description="optional; its per-customer promotion limit is checked"
-    )
-    items: list[ItemIn] | None = Field(default=None, min_length=1, max_length=100)
-    cart_id: uuid.UUID | None = Field(
-        default=None, description="quote this server-side cart instead of `items`"
-    )
-    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] | None = Field(
-        default=None, description="accepted and ignored, as the checkout's body carries it"
-    )
-    address: AddressIn | None = None
-    shipping_method: ClientCode | None = Field(default=None, description="needs `address`")
-    promotion_code: ClientCode | None = None
-
-    @model_validator(mode="after")
-    def _items_or_cart(self) -> QuoteIn:
-        if (self.items is None) == (self.cart_id is None):
-            raise ValueError("give either `items` or `cart_id`, not both and not neither")
-        return self
-
-
 class QuotePromotionOut(BaseModel):
     code: str
     discount: int
@@ -463,16 +437,32 @@ class PricingIn(BaseModel):
     )
 
 
-class CheckoutIn(PricingIn):
-    customer: CustomerIn
+class LinesIn(PricingIn):
+    """The lines to price: the body's `items`, or a server-side cart's."""
+
     items: list[ItemIn] | None = Field(default=None, min_length=1, max_length=100)
     cart_id: uuid.UUID | None = Field(
-        default=None, description="check out this server-side cart instead of `items`"
+        default=None, description="this server-side cart's lines instead of `items`"
     )
-    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] | None = None
 
     @model_validator(mode="after")
-    def _items_or_cart(self) -> CheckoutIn:
+    def _items_or_cart(self) -> LinesIn:
         if (self.items is None) == (self.cart_id is None):
             raise ValueError("give either `items` or `cart_id`, not both and not neither")
         return self
+
+
+class CheckoutIn(LinesIn):
+    customer: CustomerIn
+    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] | None = None
+
+
+class QuoteIn(LinesIn):
+    """The checkout's body, as far as it prices: the same body may be sent to both."""
+
+    customer: CustomerIn | None = Field(
+        default=None, description="optional; its per-customer promotion limit is checked"
+    )
+    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] | None = Field(
+        default=None, description="accepted and ignored, as the checkout's body carries it"
+    )

@@ -16,7 +16,7 @@ chose none: digital goods, collection). A destination without a tax rate is taxe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -260,10 +260,6 @@ _TERMS = text(
     LEFT JOIN promotions p ON p.code_key = lower(CAST(:promotion AS text))
     """
 )
-_PROMOTION_FIELDS = (
-    "code_key", "code", "kind", "value", "currency", "min_subtotal", "starts_at", "ends_at",
-    "usage_limit", "per_customer_limit", "active",
-)  # fmt: skip
 
 
 async def load_terms(session: AsyncSession, request: TermsRequest) -> Terms:
@@ -321,6 +317,6 @@ async def load_terms(session: AsyncSession, request: TermsRequest) -> Terms:
                 "unknown",
                 f"unknown promotion code {request.promotion_code}",
             )
-        fields = row._mapping
-        promotion = PromotionTerms(**{name: fields[name] for name in _PROMOTION_FIELDS})
+        values = row._mapping
+        promotion = PromotionTerms(**{f.name: values[f.name] for f in fields(PromotionTerms)})
     return Terms(country=country, shipping=shipping, tax=tax, promotion=promotion)

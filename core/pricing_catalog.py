@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.catalog import PricedCart, load_products, price
 from core.db import SessionFactory
-from core.errors import InvalidState, NotFound, PromotionExhausted
+from core.errors import InvalidState, NotFound
 from core.models import ShippingMethod
 from core.pricing import (
     PromotionTerms,
@@ -29,6 +29,7 @@ from core.pricing import (
     Totals,
     load_terms,
 )
+from core.promotion_ledger import refuse_if_exhausted
 
 SHIPPING_METHODS = cast(Table, ShippingMethod.__table__)
 
@@ -337,8 +338,10 @@ async def _check_uses_left(
     row = (
         await session.execute(_HELD, {"code_key": promotion.code_key, "scope": customer_scope})
     ).one()
-    if promotion.usage_limit is not None and row.held >= promotion.usage_limit:
-        raise PromotionExhausted(promotion.code, promotion.usage_limit, "total")
-    limit = promotion.per_customer_limit
-    if limit is not None and row.customer_held is not None and row.customer_held >= limit:
-        raise PromotionExhausted(promotion.code, limit, "customer")
+    refuse_if_exhausted(
+        promotion.code,
+        usage_limit=promotion.usage_limit,
+        held=row.held,
+        per_customer_limit=promotion.per_customer_limit,
+        customer_held=row.customer_held or 0,  # none: no customer, or no use of theirs yet
+    )

@@ -88,6 +88,23 @@ _MOVE = text(
 )
 
 
+def refuse_if_exhausted(
+    code: str,
+    *,
+    usage_limit: int | None,
+    held: int,
+    per_customer_limit: int | None,
+    customer_held: int,
+) -> None:
+    """`PromotionExhausted` unless a use is left: in total (`held`: used + reserved) and for the
+    customer (`customer_held`). The checkout asks under the promotion's lock, the quote
+    without one (advice)."""
+    if usage_limit is not None and held >= usage_limit:
+        raise PromotionExhausted(code, usage_limit, "total")
+    if per_customer_limit is not None and customer_held >= per_customer_limit:
+        raise PromotionExhausted(code, per_customer_limit, "customer")
+
+
 class PromotionLedger:
     """Each method runs inside the caller's transaction (the one that moves the stock)."""
 
@@ -111,17 +128,21 @@ class PromotionLedger:
         held = (await session.execute(_HELD, params)).one()
         if held.held:
             return False
-        if (
-            promotion.usage_limit is not None
-            and promotion.used + promotion.reserved >= promotion.usage_limit
-        ):
-            raise PromotionExhausted(promotion.code, promotion.usage_limit, "total")
-        limit = promotion.per_customer_limit
-        if limit is not None and held.customer_holds >= limit:
-            raise PromotionExhausted(promotion.code, limit, "customer")
+        refuse_if_exhausted(
+            promotion.code,
+            usage_limit=promotion.usage_limit,
+            held=promotion.used + promotion.reserved,
+            per_customer_limit=promotion.per_customer_limit,
+            customer_held=held.customer_holds,
+        )
         await session.execute(
             _RESERVE,
-            {**params, "order_id": order_id, "discount": discount, "limit": limit},
+            {
+                **params,
+                "order_id": order_id,
+                "discount": discount,
+                "limit": promotion.per_customer_limit,
+            },
         )
         return True
 

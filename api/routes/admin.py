@@ -44,16 +44,22 @@ class AdminRoute(APIRoute):
         return guarded
 
 
-router = APIRouter(
-    prefix="/admin",
-    tags=["admin"],
-    route_class=AdminRoute,
-    dependencies=[Depends(bearer)],
-    responses={
-        401: {"model": ErrorBody, "description": "no valid credential"},
-        403: {"model": ErrorBody, "description": "a customer or order token: admin only"},
-    },
-)
+def admin_router(responses: dict[int | str, dict[str, Any]] | None = None) -> APIRouter:
+    """A router of operator routes under /admin, each behind `AdminRoute`'s check."""
+    return APIRouter(
+        prefix="/admin",
+        tags=["admin"],
+        route_class=AdminRoute,
+        dependencies=[Depends(bearer)],
+        responses={
+            401: {"model": ErrorBody, "description": "no valid credential"},
+            403: {"model": ErrorBody, "description": "a customer or order token: admin only"},
+            **(responses or {}),
+        },
+    )
+
+
+router = admin_router()
 
 SkuPath = Annotated[str, Path(pattern=SKU_PATTERN, description="the product's SKU")]
 

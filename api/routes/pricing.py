@@ -3,12 +3,13 @@ methods a shop may offer (public)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Path, Query
 
-from api.deps import PricingDep, bearer
-from api.routes.admin import AdminRoute
+from api.deps import PricingDep
+from api.routes.admin import admin_router as operator_router
 from api.schemas import (
     COUNTRY_PATTERN,
     PRICING_CODE_PATTERN,
@@ -25,17 +26,7 @@ from api.schemas import (
 from core.pricing import ShippingTerms
 from core.pricing_catalog import PromotionView
 
-admin_router = APIRouter(
-    prefix="/admin",
-    tags=["admin"],
-    route_class=AdminRoute,
-    dependencies=[Depends(bearer)],
-    responses={
-        401: {"model": ErrorBody, "description": "no valid credential"},
-        403: {"model": ErrorBody, "description": "a customer or order token: admin only"},
-        422: {"model": ErrorBody, "description": "validation_error"},
-    },
-)
+admin_router = operator_router({422: {"model": ErrorBody, "description": "validation_error"}})
 router = APIRouter(tags=["pricing"])
 
 CodePath = Annotated[
@@ -60,15 +51,7 @@ async def put_shipping_method(
         free_over=body.free_over,
         active=body.active,
     )
-    return ShippingMethodOut(
-        code=method.code,
-        name=method.name,
-        price=method.price,
-        currency=method.currency,
-        countries=list(method.countries),
-        free_over=method.free_over,
-        active=method.active,
-    )
+    return ShippingMethodOut.model_validate(method, from_attributes=True)
 
 
 @admin_router.put("/tax-rates/{country}")
@@ -77,9 +60,7 @@ async def put_tax_rate(country: CountryPath, body: TaxRateIn, pricing: PricingDe
     rate = await pricing.put_tax_rate(
         country, rate_bps=body.rate_bps, includes_shipping=body.includes_shipping
     )
-    return TaxRateOut(
-        country=rate.country, rate_bps=rate.rate_bps, includes_shipping=rate.includes_shipping
-    )
+    return TaxRateOut.model_validate(rate, from_attributes=True)
 
 
 @admin_router.put(
@@ -112,20 +93,8 @@ async def get_promotion(code: CodePath, pricing: PricingDep) -> PromotionOut:
 
 
 def promotion_out(promotion: PromotionView) -> PromotionOut:
-    terms = promotion.terms
-    return PromotionOut(
-        code=terms.code,
-        kind=terms.kind,
-        value=terms.value,
-        currency=terms.currency,
-        min_subtotal=terms.min_subtotal,
-        starts_at=terms.starts_at,
-        ends_at=terms.ends_at,
-        usage_limit=terms.usage_limit,
-        per_customer_limit=terms.per_customer_limit,
-        active=terms.active,
-        used=promotion.used,
-        reserved=promotion.reserved,
+    return PromotionOut.model_validate(
+        {**asdict(promotion.terms), "used": promotion.used, "reserved": promotion.reserved}
     )
 
 
@@ -145,10 +114,4 @@ async def list_shipping_methods(
 
 
 def shipping_option(method: ShippingTerms) -> ShippingOptionOut:
-    return ShippingOptionOut(
-        code=method.code,
-        name=method.name,
-        price=method.price,
-        currency=method.currency,
-        free_over=method.free_over,
-    )
+    return ShippingOptionOut.model_validate(method, from_attributes=True)

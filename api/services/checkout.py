@@ -35,6 +35,7 @@ from api.client_address import rate_limit_identity
 from api.metrics import ApiMetrics
 from api.ratelimit import CheckoutLimiter
 from api.schemas import CheckoutIn
+from api.services.lines import requested_lines
 from core import logs
 from core.carts import CartCaller, CartNotOpen, CartStore
 from core.checkout_keys import CheckoutKeyStore, KeyClaim, RecordedCheckout
@@ -178,7 +179,7 @@ class CheckoutService:
         # same request.
         request_fingerprint = fingerprint(body, user_id)
         try:
-            items = await self._items(body, cart_caller)
+            items = await requested_lines(body, self._carts, cart_caller)
         except CartNotOpen:
             # The cart was checked out by this very request's checkout (now paid): a replay of
             # its key answers that checkout, as any replay does.
@@ -272,21 +273,6 @@ class CheckoutService:
             ),
             expires_at=recorded.expires_at,
         )
-
-    async def _items(
-        self, body: CheckoutIn, cart_caller: CartCaller | None
-    ) -> list[tuple[str, int]]:
-        """The lines to check out: the body's, or its server-side cart's as they are now
-        (`CartStore.checkout_lines`: 401/404 for a caller it does not reach, 409 if it is not
-        open, 422 if it is empty)."""
-        if body.items is not None:
-            return [(item.sku, item.quantity) for item in body.items]
-        assert body.cart_id is not None
-        if self._carts is None or cart_caller is None:
-            raise ServiceError(
-                "this service takes no server-side carts", code=ErrorCode.VALIDATION_ERROR
-            )
-        return await self._carts.checkout_lines(body.cart_id, cart_caller)
 
     async def _start_attempt(
         self, body: CheckoutIn, items: list[tuple[str, int]], customer: Customer, claim: KeyClaim

@@ -8,9 +8,10 @@ from api.auth import Caller, CallerKind
 from api.client_address import rate_limit_identity
 from api.ratelimit import CheckoutLimiter
 from api.schemas import CustomerIn, QuoteIn
+from api.services.lines import requested_lines
 from core.carts import CartCaller, CartStore
 from core.customers import customer_scope
-from core.errors import ErrorCode, RateLimited, ServiceError
+from core.errors import RateLimited
 from core.ledger import merge_lines
 from core.pricing import TermsRequest
 from core.pricing_catalog import PricingCatalog, Quote
@@ -56,16 +57,8 @@ class QuoteService:
             shipping_method=body.shipping_method,
             promotion_code=body.promotion_code,
         )
-        if body.items is not None:
-            lines = [(item.sku, item.quantity) for item in body.items]
-        elif self._carts is not None and cart_caller is not None and body.cart_id is not None:
-            lines = await self._carts.checkout_lines(body.cart_id, cart_caller)
-        else:
-            raise ServiceError(
-                "this service takes no server-side carts", code=ErrorCode.VALIDATION_ERROR
-            )
         return await self._pricing.quote(
-            merge_lines(lines),
+            merge_lines(await requested_lines(body, self._carts, cart_caller)),
             request,
             now=datetime.now(UTC),
             customer_scope=quote_scope(body.customer, caller),

@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.catalog import Inventory, PricedLine, load_products
+from core.catalog import Inventory, PricedLine, check_quantity_limits, load_products
 from core.customers import customer_scope
 from core.db import SessionFactory
 from core.errors import (
@@ -33,7 +33,6 @@ from core.errors import (
     Forbidden,
     InvalidState,
     NotFound,
-    QuantityLimitExceeded,
     ServiceError,
     Unauthorized,
     UnknownSku,
@@ -156,13 +155,7 @@ def _admit(products: Mapping[str, Any], items: Mapping[str, int], currencies: se
     missing = sorted(sku for sku in items if sku not in products)
     if missing:
         raise UnknownSku(missing)
-    over = [
-        {"sku": sku, "requested": quantity, "max": products[sku].max_per_order}
-        for sku, quantity in sorted(items.items())
-        if products[sku].max_per_order is not None and quantity > products[sku].max_per_order
-    ]
-    if over:
-        raise QuantityLimitExceeded(over)
+    check_quantity_limits(products, items)
     wanted = currencies | {products[sku].currency for sku in items}
     if len(wanted) > 1:
         raise _mixed_currencies(wanted)

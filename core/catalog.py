@@ -172,6 +172,18 @@ async def load_products(
     return {row.sku: row for row in rows}
 
 
+def check_quantity_limits(products: Mapping[str, Any], items: Mapping[str, int]) -> None:
+    """`QuantityLimitExceeded` for the lines above their product's max_per_order (all of them
+    in the details); the products must be there."""
+    over = [
+        {"sku": sku, "requested": quantity, "max": products[sku].max_per_order}
+        for sku, quantity in sorted(items.items())
+        if products[sku].max_per_order is not None and quantity > products[sku].max_per_order
+    ]
+    if over:
+        raise QuantityLimitExceeded(over)
+
+
 def price(products: Mapping[str, Any], items: Mapping[str, int]) -> PricedCart:
     """Price merged cart lines from catalog rows: the server's prices, never the client's.
 
@@ -189,13 +201,7 @@ def price(products: Mapping[str, Any], items: Mapping[str, int]) -> PricedCart:
             code=ErrorCode.VALIDATION_ERROR,
             details=[{"sku": sku, "currency": products[sku].currency} for sku in sorted(items)],
         )
-    over = [
-        {"sku": sku, "requested": quantity, "max": products[sku].max_per_order}
-        for sku, quantity in sorted(items.items())
-        if products[sku].max_per_order is not None and quantity > products[sku].max_per_order
-    ]
-    if over:
-        raise QuantityLimitExceeded(over)
+    check_quantity_limits(products, items)
     cart = PricedCart(
         currency=currencies[0],
         lines=tuple(

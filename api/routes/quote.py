@@ -38,14 +38,7 @@ async def post_quote(
     return QuoteOut(
         currency=quote.cart.currency,
         items=[
-            LineOutSchema(
-                sku=line.sku,
-                name=line.name,
-                unit_price=line.unit_price,
-                quantity=line.quantity,
-                line_total=line.line_total,
-            )
-            for line in quote.cart.lines
+            LineOutSchema.model_validate(line, from_attributes=True) for line in quote.cart.lines
         ],
         totals=TotalsOut(**quote.totals.as_dict()),
         promotion=None

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.db import SessionFactory
+from core.db import SessionFactory, Sql
 from core.errors import (
     ErrorCode,
     NotFound,
@@ -142,14 +142,14 @@ class PricedCart:
 # Stripe's largest charge for most currencies, in minor units.
 MAX_CHARGE = 99_999_999
 
-_PRICES = text(
+_PRICES = Sql(
     "SELECT sku, name, unit_price, currency, max_per_order FROM products WHERE sku = ANY(:skus)"
 )
 # The same, first taking the customer's transaction-scoped advisory lock: a customer's
 # checkouts open one at a time, so the count of their pending ones (read by the next statement,
 # with a snapshot taken after the lock) cannot be raced past MAX_PENDING_CHECKOUTS. Folded into
 # this statement to save the round trip of a statement of its own.
-_PRICES_LOCKING_CUSTOMER = text(
+_PRICES_LOCKING_CUSTOMER = Sql(
     """
     WITH customer AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(:scope, 0)))
     SELECT p.sku, p.name, p.unit_price, p.currency, p.max_per_order
@@ -164,11 +164,9 @@ async def load_products(
     """The catalog rows of these SKUs (missing ones are absent); with `lock_customer`, also
     takes that customer's advisory lock for the rest of the transaction."""
     if lock_customer is None:
-        rows = await session.execute(_PRICES, {"skus": skus})
+        rows = await _PRICES.rows(session, {"skus": skus})
     else:
-        rows = await session.execute(
-            _PRICES_LOCKING_CUSTOMER, {"skus": skus, "scope": lock_customer}
-        )
+        rows = await _PRICES_LOCKING_CUSTOMER.rows(session, {"skus": skus, "scope": lock_customer})
     return {row.sku: row for row in rows}
 
 

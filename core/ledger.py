@@ -9,14 +9,14 @@ transactions over the same SKUs always queue on the first one instead of waiting
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.db import SessionFactory
+from core.db import SessionFactory, Sql
 from core.errors import InsufficientStock, InvalidState, NotFound, UnknownSku
 from core.vocabulary import ReservationStatus
 
@@ -55,32 +55,56 @@ def merge_lines(lines: Iterable[tuple[str, int]] | Mapping[str, int]) -> dict[st
 
 # Locks the stock rows in SKU order: the ORDER BY runs below the row-locking step, so rows are
 # locked in sorted order and concurrent multi-SKU transactions cannot deadlock.
-_LOCK_STOCK = text(
+_LOCK_STOCK = Sql(
     "SELECT sku, on_hand, reserved FROM stock WHERE sku = ANY(:skus) ORDER BY sku FOR UPDATE"
 )
-_RESERVATIONS = (
+_SELECT_RESERVATIONS = Sql(
     "SELECT sku, quantity, status, expires_at FROM reservations"
     " WHERE checkout_id = :checkout_id ORDER BY sku"
 )
-_SELECT_RESERVATIONS = text(_RESERVATIONS)
-_LOCK_RESERVATIONS = text(_RESERVATIONS + " FOR UPDATE")
+# The checkout's reservation rows, then the stock rows of their SKUs (in SKU order, as above),
+# locked in this order by one statement. A reservation row that had to be waited for is read
+# as it is after the wait; its SKU and quantity never change, so the stock locked is the
+# right one.
+_LOCK_RESERVATION_AND_STOCK = Sql(
+    """
+    WITH held AS (
+        SELECT sku, quantity, status, expires_at FROM reservations
+        WHERE checkout_id = :checkout_id ORDER BY sku FOR UPDATE
+    ), stock_held AS (
+        SELECT s.sku FROM stock s WHERE s.sku IN (SELECT sku FROM held)
+        ORDER BY s.sku FOR UPDATE
+    )
+    SELECT h.sku, h.quantity, h.status, h.expires_at, (SELECT count(*) FROM stock_held) AS locked
+    FROM held h ORDER BY h.sku
+    """
+)
 # Each stock movement is one statement: the stock rows (locked just before, in SKU order) and
 # the checkout's reservation rows change together, in one round trip while the locks are held.
-_RESERVE = text(
+# A reservation is made unless the checkout has one already (a concurrent duplicate that held
+# the stock locks before this one and has committed since): then its rows come back and
+# nothing changes. The check is this statement's, whose snapshot is taken after the locks.
+_RESERVE = Sql(
     """
-    WITH added AS (
+    WITH existing AS (
+        SELECT sku, quantity, status, expires_at FROM reservations
+        WHERE checkout_id = :checkout_id
+    ), added AS (
         UPDATE stock SET reserved = stock.reserved + v.quantity, updated_at = now()
         FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
-        WHERE stock.sku = v.sku
+        WHERE stock.sku = v.sku AND NOT EXISTS (SELECT 1 FROM existing)
+    ), reserved AS (
+        INSERT INTO reservations (checkout_id, sku, quantity, status, expires_at)
+        SELECT :checkout_id, v.sku, v.quantity, 'active', :expires_at
+        FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
+        WHERE NOT EXISTS (SELECT 1 FROM existing)
     )
-    INSERT INTO reservations (checkout_id, sku, quantity, status, expires_at)
-    SELECT :checkout_id, v.sku, v.quantity, 'active', :expires_at
-    FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS int[])) AS v(sku, quantity)
+    SELECT sku, quantity, status, expires_at FROM existing ORDER BY sku
     """
 )
 # A move takes the checkout's reservation from `:source` to `:target` and changes each line's
 # stock by its quantity times `:on_hand` and `:reserved` (each -1, 0 or 1).
-_MOVE = text(
+_MOVE = Sql(
     """
     WITH moved AS (
         UPDATE stock SET on_hand = stock.on_hand + :on_hand * v.quantity,
@@ -149,16 +173,8 @@ class StockLedger:
         expires_at: datetime | None,
     ) -> ReservationResult:
         skus = list(wanted)
-        stock = {row.sku: row for row in await session.execute(_LOCK_STOCK, {"skus": skus})}
-        # Checked under the stock locks: a concurrent duplicate call has either committed
-        # (and we see its rows now) or has not started reserving.
-        existing = await self._lines(session, checkout_id, lock=False)
-        if existing is not None:
-            return existing
-
+        stock = {row.sku: row for row in await _LOCK_STOCK.rows(session, {"skus": skus})}
         missing = [sku for sku in skus if sku not in stock]
-        if missing:
-            raise UnknownSku(missing)
         shortages = [
             {
                 "sku": sku,
@@ -166,13 +182,20 @@ class StockLedger:
                 "available": max(stock[sku].on_hand - stock[sku].reserved, 0),
             }
             for sku, quantity in wanted.items()
-            if stock[sku].on_hand - stock[sku].reserved < quantity
+            if sku in stock and stock[sku].on_hand - stock[sku].reserved < quantity
         ]
-        if shortages:
+        if missing or shortages:
+            # Checked under the stock locks: a concurrent duplicate call has either committed
+            # (its reservation is the answer, whatever stock is left) or has not started.
+            existing = await self._lines(session, checkout_id)
+            if existing is not None:
+                return existing
+            if missing:
+                raise UnknownSku(missing)
             raise InsufficientStock(shortages)
 
-        await session.execute(
-            _RESERVE,
+        rows = await _RESERVE.rows(
+            session,
             {
                 "checkout_id": checkout_id,
                 "skus": skus,
@@ -180,6 +203,8 @@ class StockLedger:
                 "expires_at": expires_at,
             },
         )
+        if rows:  # the duplicate's, as above
+            return _result(checkout_id, rows)
         return ReservationResult(
             checkout_id=checkout_id,
             status=ACTIVE,
@@ -240,7 +265,7 @@ class StockLedger:
 
     async def get(self, checkout_id: uuid.UUID) -> ReservationResult | None:
         async with self._sessions() as session:
-            return await self._lines(session, checkout_id, lock=False)
+            return await self._lines(session, checkout_id)
 
     async def _move(
         self, session: AsyncSession, checkout_id: uuid.UUID, move: _Move
@@ -250,17 +275,16 @@ class StockLedger:
         Returns it unchanged if it is in any other status (already the target included): the
         caller decides what that means.
         """
-        current = await self._lines(session, checkout_id, lock=True)
-        if current is None:
+        rows = await _LOCK_RESERVATION_AND_STOCK.rows(session, {"checkout_id": checkout_id})
+        if not rows:
             raise NotFound(f"no reservation for checkout {checkout_id}")
+        current = _result(checkout_id, rows)
         if current.status != move.source:
             return current
-        skus = [line.sku for line in current.lines]
-        await session.execute(_LOCK_STOCK, {"skus": skus})
-        await session.execute(
-            _MOVE,
+        await _MOVE.rows(
+            session,
             {
-                "skus": skus,
+                "skus": [line.sku for line in current.lines],
                 "quantities": [line.quantity for line in current.lines],
                 "on_hand": move.on_hand,
                 "reserved": move.reserved,
@@ -272,17 +296,17 @@ class StockLedger:
         return ReservationResult(checkout_id, move.target, current.lines, current.expires_at)
 
     @staticmethod
-    async def _lines(
-        session: AsyncSession, checkout_id: uuid.UUID, *, lock: bool
-    ) -> ReservationResult | None:
-        query = _LOCK_RESERVATIONS if lock else _SELECT_RESERVATIONS
-        rows = (await session.execute(query, {"checkout_id": checkout_id})).all()
-        if not rows:
-            return None
-        # All lines of one checkout move together, so they share one status.
-        return ReservationResult(
-            checkout_id=checkout_id,
-            status=rows[0].status,
-            lines=tuple(ReservedLine(row.sku, row.quantity) for row in rows),
-            expires_at=rows[0].expires_at,
-        )
+    async def _lines(session: AsyncSession, checkout_id: uuid.UUID) -> ReservationResult | None:
+        rows = await _SELECT_RESERVATIONS.rows(session, {"checkout_id": checkout_id})
+        return _result(checkout_id, rows) if rows else None
+
+
+def _result(checkout_id: uuid.UUID, rows: Sequence[Any]) -> ReservationResult:
+    """A checkout's reservation from its rows (sku, quantity, status, expires_at), in SKU order.
+    All lines of one checkout move together, so they share one status."""
+    return ReservationResult(
+        checkout_id=checkout_id,
+        status=rows[0].status,
+        lines=tuple(ReservedLine(row.sku, row.quantity) for row in rows),
+        expires_at=rows[0].expires_at,
+    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, tuple_, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,7 +23,7 @@ from core.carts import CartStore
 from core.catalog import PricedCart, PricedLine, load_products, price
 from core.checkout_keys import CheckoutKeyStore
 from core.customers import customer_scope
-from core.db import SessionFactory, autocommit
+from core.db import SessionFactory, Sql, autocommit
 from core.errors import InvalidState, NotFound, TooManyPendingCheckouts
 from core.events import ORDER_COLUMNS, dedupe_key, payload_sql, write_event
 from core.ledger import StockLedger, merge_lines
@@ -129,7 +129,7 @@ _PAID_PAYLOAD = payload_sql(
 # inserted by this statement are not visible to it); nothing but the order's id comes back, and
 # nothing at all if a concurrent duplicate created the order first (then the other inserts,
 # which select from `new_order`, add nothing).
-_CREATE_ORDER = text(
+_CREATE_ORDER = Sql(
     f"""
     WITH new_order AS (
         INSERT INTO orders (id, checkout_id, status, customer_email, customer_user_id,
@@ -177,7 +177,7 @@ _CREATE_ORDER = text(
 
 # The checkout's own order (if it has one yet) and, under the customer's lock, how many of
 # the customer's checkouts wait for payment: one row, always.
-_RECORDED_AND_PENDING = text(
+_RECORDED_AND_PENDING = Sql(
     """
     SELECT (SELECT count(*) FROM orders
             WHERE customer_scope = :scope AND status = 'pending_payment') AS pending,
@@ -189,7 +189,7 @@ _RECORDED_AND_PENDING = text(
     """
 )
 
-_ATTACH_PAYMENT = text(
+_ATTACH_PAYMENT = Sql(
     """
     WITH payment AS (
         INSERT INTO payments (order_id, provider, payment_intent_id, status, amount, currency,
@@ -205,7 +205,7 @@ _ATTACH_PAYMENT = text(
 
 # Run under the order's row lock, after the stock is committed: the order, its payment, its
 # timeline entry and its `order.paid` event with the next sequence.
-_MARK_PAID = text(
+_MARK_PAID = Sql(
     f"""
     WITH paid AS (
         UPDATE orders SET status = 'paid', event_sequence = event_sequence + 1,
@@ -225,6 +225,11 @@ _MARK_PAID = text(
            :announcement_key
     FROM paid
     """  # noqa: S608 - constant SQL, assembled at import
+)
+
+
+_LOCK_FOR_PAYMENT = Sql(
+    "SELECT status, promotion_code, cart_id FROM orders WHERE id = :order_id FOR UPDATE"
 )
 
 
@@ -251,11 +256,9 @@ class OrderStore:
             products = await load_products(
                 session, list(items), lock_customer=scope if new.max_pending else None
             )
-            row = (
-                await session.execute(
-                    _RECORDED_AND_PENDING, {"scope": scope, "checkout_id": new.checkout_id}
-                )
-            ).one()
+            row = await _RECORDED_AND_PENDING.one(
+                session, {"scope": scope, "checkout_id": new.checkout_id}
+            )
             if row.status is not None:
                 if row.status != PENDING:
                     raise InvalidState(
@@ -339,8 +342,8 @@ class OrderStore:
             "total": cart.total,
             "currency": cart.currency,
         }
-        created = await session.execute(
-            _CREATE_ORDER,
+        created = await _CREATE_ORDER.one_or_none(
+            session,
             {
                 "order_id": new.order_id,
                 "checkout_id": new.checkout_id,
@@ -373,7 +376,7 @@ class OrderStore:
             },
         )
         # Nothing came back: a concurrent duplicate created the order first.
-        return created.scalar_one_or_none() is not None
+        return created is not None
 
     async def attach_payment(
         self,
@@ -387,8 +390,8 @@ class OrderStore:
     ) -> None:
         async with self._sessions() as session:
             await autocommit(session)
-            await session.execute(
-                _ATTACH_PAYMENT,
+            await _ATTACH_PAYMENT.rows(
+                session,
                 {
                     "order_id": order_id,
                     "intent_id": intent_id,
@@ -450,13 +453,7 @@ class OrderStore:
         payment that arrived after the order closed is not applied here).
         """
         async with self._sessions.begin() as session:
-            row = (
-                await session.execute(
-                    select(ORDERS.c.status, ORDERS.c.promotion_code, ORDERS.c.cart_id)
-                    .where(ORDERS.c.id == order_id)
-                    .with_for_update()
-                )
-            ).one_or_none()
+            row = await _LOCK_FOR_PAYMENT.one_or_none(session, {"order_id": order_id})
             if row is None:
                 raise NotFound(f"no order {order_id}", details={"order_id": str(order_id)})
             if row.status != PENDING:
@@ -466,8 +463,8 @@ class OrderStore:
                 await PromotionLedger.commit(session, checkout_id)
             if row.cart_id is not None:  # made from a server-side cart: it is checked out
                 await CartStore.mark_checked_out(session, row.cart_id, order_id)
-            await session.execute(
-                _MARK_PAID,
+            await _MARK_PAID.rows(
+                session,
                 {
                     "order_id": order_id,
                     "intent_id": intent_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import stripe
 
@@ -46,8 +47,8 @@ class Intent:
     amount_refunded: int = 0
 
     @classmethod
-    def of(cls, resource: Any) -> Intent:
-        pi = resource.to_dict() if hasattr(resource, "to_dict") else dict(resource)
+    def of(cls, pi: dict[str, Any]) -> Intent:
+        """From a PaymentIntent as Stripe's JSON has it."""
         error = pi.get("last_payment_error")
         return cls(
             id=pi["id"],
@@ -104,22 +105,34 @@ class StripeGateway:
         """Close the connection pool (it belongs to the event loop that first used it)."""
         await self._http.close_async()  # type: ignore[no-untyped-call]
 
+    async def _intent_request(self, method: str, path: str, **params: Any) -> Intent:
+        """A PaymentIntent call through the SDK's `raw_request`: its authentication, headers,
+        idempotency key (an `idempotency_key` param) and errors (StripeError subclasses, as
+        every other call), but the JSON read as a dict rather than into a StripeObject, which
+        cost about a third of each call's CPU on the checkout's path (measured with py-spy
+        under `make bench`)."""
+        response = await self._client.raw_request_async(
+            method, f"/v1/payment_intents{path}", **params
+        )
+        return Intent.of(response.data)
+
     async def create_intent(
         self, *, amount: int, currency: str, metadata: dict[str, str], idempotency_key: str
     ) -> Intent:
-        pi = await self._client.v1.payment_intents.create_async(
-            # Only the parameters the order needs: with a recent API version, real Stripe
-            # enables the account's automatic payment methods when none are named.
-            params={"amount": amount, "currency": currency, "metadata": metadata},
-            options={"idempotency_key": idempotency_key},
+        # Only the parameters the order needs: with a recent API version, real Stripe enables
+        # the account's automatic payment methods when none are named.
+        return await self._intent_request(
+            "post",
+            "",
+            amount=amount,
+            currency=currency,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
         )
-        return Intent.of(pi)
 
     async def retrieve_intent(self, intent_id: str) -> Intent:
-        return Intent.of(
-            await self._client.v1.payment_intents.retrieve_async(
-                intent_id, params={"expand": ["latest_charge"]}
-            )
+        return await self._intent_request(
+            "get", f"/{quote(intent_id, safe='')}", expand=["latest_charge"]
         )
 
     async def cancel_intent(self, intent_id: str, *, idempotency_key: str) -> Intent:
@@ -131,8 +144,8 @@ class StripeGateway:
         if current.status == IntentStatus.CANCELED or current.status in PAYMENT_WINS:
             return current
         try:
-            pi = await self._client.v1.payment_intents.cancel_async(
-                intent_id, options={"idempotency_key": idempotency_key}
+            return await self._intent_request(
+                "post", f"/{quote(intent_id, safe='')}/cancel", idempotency_key=idempotency_key
             )
         except stripe.InvalidRequestError:
             # Most likely the customer confirmed in between; read what happened and let the
@@ -141,7 +154,6 @@ class StripeGateway:
             if after.status == IntentStatus.CANCELED or after.status in PAYMENT_WINS:
                 return after
             raise
-        return Intent.of(pi)
 
     async def retrieve_charge(self, charge_id: str) -> Charge:
         """Stripe's own word on a charge (a webhook's body is only a hint)."""

@@ -15,14 +15,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text, update
+from sqlalchemy import update
 
-from core.db import SessionFactory
+from core.db import SessionFactory, Sql
 from core.models import PROCESSED_WEBHOOK_EVENTS
 
 # Insert the event (nothing comes back for a duplicate) with the checkout that recorded its
 # PaymentIntent, in one round trip.
-_RECORD = text(
+_RECORD = Sql(
     """
     WITH ours AS (
         SELECT o.checkout_id, o.id AS order_id, o.status FROM payments p
@@ -66,18 +66,16 @@ class WebhookEventStore:
         raise records nothing). `expected_outcome` is written with the row: the usual case
         costs no second statement."""
         async with self._sessions.begin() as session:
-            row = (
-                await session.execute(
-                    _RECORD,
-                    {
-                        "event_id": event["id"],
-                        "type": event["type"],
-                        "intent_id": intent_id,
-                        "outcome": expected_outcome,
-                        "payload": json.dumps(event),
-                    },
-                )
-            ).one_or_none()
+            row = await _RECORD.one_or_none(
+                session,
+                {
+                    "event_id": event["id"],
+                    "type": event["type"],
+                    "intent_id": intent_id,
+                    "outcome": expected_outcome,
+                    "payload": json.dumps(event),
+                },
+            )
             if row is None:
                 yield None
                 return

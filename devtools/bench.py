@@ -20,8 +20,11 @@ The load generator (this process) is not counted. Then, on the same dev server, 
 checkout workflow's Temporal skeleton with no-op activities (devtools/bench_floor.py), which no
 checkout can beat on this machine. Usage:
     python -m devtools.bench [--levels 1,10,50] [--checkouts-per-client 30] [--floor-levels 1,10]
-                             [--priced-levels 10]
+                             [--priced-levels 10] [--ratio-rounds 3]
 
+`--ratio-rounds` ends with the ratio at concurrency 10 measured that many times, checkouts and
+floor back to back in each round, and their median: the figure to quote, since the speed of a
+shared machine drifts between the first levels and the floor.
 `--priced-levels` runs those concurrencies again with an address, a shipping method, a tax
 rate and a promotion on every checkout, and prints their ratio to the plain run.
 """
@@ -34,11 +37,13 @@ import base64
 import contextlib
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -325,8 +330,10 @@ async def _seed(api: str) -> None:
                 response.raise_for_status()
 
 
-def _floor(stack: Stack, levels: list[int]) -> dict[int, float]:
-    """The same dev server running the checkout's Temporal skeleton with no-op activities."""
+@contextlib.contextmanager
+def _floor_worker(stack: Stack) -> Iterator[Callable[[int], bench_floor.FloorResult]]:
+    """The skeleton's worker on the stack's dev server, and a function measuring the skeleton
+    at a concurrency (15 s) while it runs."""
     address = stack.env["TEMPORAL_ADDRESS"]
     worker = subprocess.Popen(
         [sys.executable, "-m", "devtools.bench_floor", "--worker", address],
@@ -338,25 +345,73 @@ def _floor(stack: Stack, levels: list[int]) -> dict[int, float]:
             "temporal": psutil.Process(temporal.proc.pid),
             "worker": psutil.Process(worker.pid),
         }
-        print(
-            "\nfloor: the same Temporal interactions with no-op activities, no API, database or"
-            " Stripe\n"
-            f"{'conc':>4} {'wf/s':>7} | Update-with-Start p50 ms | CPU s/workflow  (split)"
+        yield lambda concurrency: asyncio.run(
+            bench_floor.measure(address, concurrency, 15, processes)
         )
-        rates: dict[int, float] = {}
-        for concurrency in levels:
-            result = asyncio.run(bench_floor.measure(address, concurrency, 15, processes))
-            rates[concurrency] = result.per_second
-            split = " ".join(f"{k}={v:.1f}ms" for k, v in result.cpu_ms.items())
-            print(
-                f"{concurrency:>4} {result.per_second:>7.1f} | {result.start_p50_ms:23.1f} | "
-                f"{sum(result.cpu_ms.values()) / 1000:.4f}  ({split})",
-                flush=True,
-            )
-        return rates
     finally:
         worker.terminate()
         worker.wait(10)
+
+
+def _floor_line(result: bench_floor.FloorResult) -> str:
+    split = " ".join(f"{k}={v:.1f}ms" for k, v in result.cpu_ms.items())
+    return (
+        f"{result.concurrency:>4} {result.per_second:>7.1f} | {result.start_p50_ms:23.1f} | "
+        f"{sum(result.cpu_ms.values()) / 1000:.4f}  ({split})"
+    )
+
+
+FLOOR_HEADER = f"{'conc':>4} {'wf/s':>7} | Update-with-Start p50 ms | CPU s/workflow  (split)"
+
+
+def _floor(stack: Stack, levels: list[int]) -> dict[int, float]:
+    """The same dev server running the checkout's Temporal skeleton with no-op activities."""
+    print(
+        "\nfloor: the same Temporal interactions with no-op activities, no API, database or"
+        f" Stripe\n{FLOOR_HEADER}"
+    )
+    rates: dict[int, float] = {}
+    with _floor_worker(stack) as measure:
+        for concurrency in levels:
+            result = measure(concurrency)
+            rates[concurrency] = result.per_second
+            print(_floor_line(result), flush=True)
+    return rates
+
+
+def _ratio_rounds(
+    stack: Stack,
+    db_url: str,
+    concurrency: int,
+    rounds: int,
+    args: argparse.Namespace,
+    cpu: Cpu,
+    events: EventDrain | None,
+) -> None:
+    """The ratio measured `rounds` times, checkouts then floor, back to back: the speed of a
+    shared machine drifts by tens of percent within minutes, and a ratio of two figures taken
+    minutes apart measures that drift as much as the checkout. Prints each round's ratio and
+    their median."""
+    print(
+        f"\nratio at concurrency {concurrency}, {rounds} rounds of checkouts then floor"
+        " (each its own figures)"
+    )
+    ratios: list[float] = []
+    for number in range(1, rounds + 1):
+        rate = _level(stack, db_url, concurrency, args, cpu, events, per_client=30)
+        with _floor_worker(stack) as measure:
+            result = measure(concurrency)
+        print(f"{'':>4} floor {_floor_line(result).strip()}", flush=True)
+        ratios.append(rate / result.per_second)
+        print(
+            f"{'':>4} round {number}: {rate:.1f} / {result.per_second:.1f} = {ratios[-1]:.2f}",
+            flush=True,
+        )
+    print(
+        f"median ratio at concurrency {concurrency}: {statistics.median(ratios):.2f}"
+        f" (rounds: {', '.join(f'{r:.2f}' for r in ratios)})",
+        flush=True,
+    )
 
 
 def _level(
@@ -367,9 +422,10 @@ def _level(
     cpu: Cpu,
     events: EventDrain | None,
     pricing: dict[str, object] | None = None,
+    per_client: int | None = None,
 ) -> float:
     """Run one level and print its line; returns its checkouts per second."""
-    per_client = args.checkouts_per_client or max(3, min(60, 600 // concurrency))
+    per_client = args.checkouts_per_client or per_client or max(3, min(60, 600 // concurrency))
     level, used, done, elapsed, lags = asyncio.run(
         _run_level(stack, db_url, concurrency, per_client, cpu, events, pricing)
     )
@@ -411,6 +467,12 @@ def main() -> None:
         help="concurrencies to run again with shipping, tax and a promotion on every checkout,"
         " compared with the plain run; '' to skip",
     )
+    parser.add_argument(
+        "--ratio-rounds",
+        type=int,
+        default=3,
+        help="rounds of checkouts then floor at concurrency 10, for the median ratio; 0 to skip",
+    )
     args = parser.parse_args()
     for name in EXTERNAL:
         os.environ.pop(name, None)
@@ -448,7 +510,7 @@ def main() -> None:
                 f"\n{'conc':>4} {'done':>5} {'co/s':>7} | POST /checkout ms p50/p95/p99 "
                 f"| payment->paid ms p50/p95/p99 | CPU s/checkout  (split)"
             )
-            for concurrency in [int(x) for x in args.levels.split(",")]:
+            for concurrency in [int(x) for x in args.levels.split(",") if x]:
                 rates[concurrency] = _level(stack, db_url, concurrency, args, cpu, events)
             priced: dict[int, float] = {}
             for concurrency in [int(x) for x in args.priced_levels.split(",") if x]:
@@ -473,6 +535,8 @@ def main() -> None:
                         f" {rates[concurrency] / floor[concurrency]:.2f}",
                         flush=True,
                     )
+            if args.ratio_rounds:
+                _ratio_rounds(stack, db_url, 10, args.ratio_rounds, args, cpu, events)
             print(f"\nmachine: {os.cpu_count()} cores, shared by the stack and this load generator")
         finally:
             stack.supervisor.stop_all()

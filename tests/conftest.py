@@ -26,13 +26,13 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from core.db import SessionFactory, create_engine, create_session_factory
 from core.models import Base
 from core.settings import Settings
+from core.temporal import DATA_CONVERTER
 from devtools.postgres import EmbeddedPostgres
 from devtools.temporal_server import PERFORMANCE_ARGS, search_attribute_args, temporal_cli
 
@@ -150,7 +150,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """A real Temporal dev server for the session, with the service's search attributes."""
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_cli(),
-        data_converter=pydantic_data_converter,
+        data_converter=DATA_CONVERTER,
         dev_server_extra_args=[*search_attribute_args(), *PERFORMANCE_ARGS, *TEST_SERVER_ARGS],
     )
     yield env

@@ -182,3 +182,25 @@ def test_a_placeholder_api_key_is_refused_outside_development() -> None:
     with pytest.raises(ValidationError) as refused:
         settings(temporal_api_key="change-me")
     assert "TEMPORAL_API_KEY is a placeholder" in str(refused.value)
+
+
+def test_the_data_converter_shares_one_payload_converter_and_round_trips_models() -> None:
+    """Every data converter the worker builds (one per activation) gets the same payload
+    converter, and it converts pydantic models and plain values as the SDK's own does."""
+    from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.converter import DataConverter
+
+    from core.temporal import DATA_CONVERTER, SharedPydanticPayloadConverter
+    from workflows.models import CartItem
+
+    again = DataConverter(payload_converter_class=SharedPydanticPayloadConverter)
+    assert SharedPydanticPayloadConverter() is SharedPydanticPayloadConverter()
+    shared = SharedPydanticPayloadConverter()
+    # A new wrapper of the SDK's each time, around the one converter.
+    assert again.payload_converter is not DATA_CONVERTER.payload_converter
+    assert again.payload_converter._inner_payload_converter is shared  # type: ignore[attr-defined]
+    values = [CartItem(sku="SKU-1", quantity=2), {"a": [1, 2]}, None, "text"]
+    ours = DATA_CONVERTER.payload_converter.to_payloads(values)
+    assert ours == pydantic_data_converter.payload_converter.to_payloads(values)
+    hints: list[type] = [CartItem, dict, type(None), str]
+    assert again.payload_converter.from_payloads(ours, hints) == values

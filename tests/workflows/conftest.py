@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 from temporalio.client import WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from core.temporal import DATA_CONVERTER
 from devtools.temporal_server import PERFORMANCE_ARGS, search_attribute_args, temporal_cli
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -21,7 +21,7 @@ async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
     """The real dev server with per-workflow time skipping: a 15-minute window in ~1 s."""
     env = await WorkflowEnvironment.start_time_skipping_v2(
         dev_server_existing_path=temporal_cli(),
-        data_converter=pydantic_data_converter,
+        data_converter=DATA_CONVERTER,
         dev_server_extra_args=[
             "--dynamic-config-value",
             "frontend.WorkflowTimeSkippingEnabled=true",

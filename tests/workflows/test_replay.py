@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from core.temporal import DATA_CONVERTER
 from workflows.checkout import CheckoutWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -28,6 +28,6 @@ def test_there_are_recorded_histories_for_each_ending() -> None:
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_recorded_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(f"checkout-{path.stem}", path.read_text())
-    replayer = Replayer(workflows=[CheckoutWorkflow], data_converter=pydantic_data_converter)
+    replayer = Replayer(workflows=[CheckoutWorkflow], data_converter=DATA_CONVERTER)
     result = await replayer.replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None

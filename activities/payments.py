@@ -33,17 +33,22 @@ class IntentOut(BaseModel):
     status: str
     amount: int
     currency: str
+    # The client_secret only ever leaves an activity sealed (core.sealing): an activity's
+    # result is kept in the workflow's history, which the Temporal UI shows to operators.
+    # Only the creation returns it; the API unseals it for the client.
+    client_secret_sealed: str | None = None
+    # In clear: only in results recorded before sealing (histories of earlier runs).
     client_secret: str | None = None
     last_error: str | None = None
 
     @classmethod
-    def of(cls, intent: Intent) -> IntentOut:
+    def of(cls, intent: Intent, *, client_secret_sealed: str | None = None) -> IntentOut:
         return cls(
             payment_intent_id=intent.id,
             status=intent.status,
             amount=intent.amount,
             currency=intent.currency,
-            client_secret=intent.client_secret,
+            client_secret_sealed=client_secret_sealed,
             last_error=intent.last_error,
         )
 
@@ -112,6 +117,7 @@ class PaymentActivities:
             if final is not None:
                 raise final from exc
             raise
+        sealed = self._sealer.seal(intent.client_secret) if intent.client_secret else None
         with refused_at_once(input.checkout_id):
             await self._orders.attach_payment(
                 input.order_id,
@@ -119,12 +125,10 @@ class PaymentActivities:
                 status=intent.status,
                 amount=intent.amount,
                 currency=intent.currency,
-                # Kept sealed so a replay of the Idempotency-Key can answer without Stripe.
-                client_secret_sealed=(
-                    self._sealer.seal(intent.client_secret) if intent.client_secret else None
-                ),
+                # Kept so a replay of the Idempotency-Key can answer without Stripe.
+                client_secret_sealed=sealed,
             )
-        return IntentOut.of(intent)
+        return IntentOut.of(intent, client_secret_sealed=sealed)
 
     @activity.defn(name="cancel_payment_intent")
     async def cancel_payment_intent(self, input: PaymentIntentInput) -> IntentOut:

@@ -272,6 +272,9 @@ class CheckoutWorkflow:
                 totals=cart.totals(),
                 payment=PaymentOut(
                     payment_intent_id=self._intent.payment_intent_id,
+                    client_secret_sealed=self._intent.client_secret_sealed,
+                    # Set only by a creation recorded before sealing (histories of earlier
+                    # runs replay as they ran).
                     client_secret=self._intent.client_secret,
                     status=self._intent.status,
                 ),

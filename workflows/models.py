@@ -74,7 +74,11 @@ class Totals(BaseModel):
 class PaymentOut(BaseModel):
     provider: str = "stripe"
     payment_intent_id: str
-    client_secret: str | None
+    # Sealed (core.sealing), as the activity returned it: the update's answer and the
+    # workflow's result are kept in its history. The API unseals it for the client.
+    client_secret_sealed: str | None = None
+    # In clear: in answers recorded before sealing, and in the API's answer to the client.
+    client_secret: str | None = None
     status: str
 
 

@@ -196,7 +196,7 @@ class CheckoutService:
             await rate_limit()
             claim = KeyClaim(uuid.uuid4(), uuid.uuid4(), request_fingerprint, claimed=True)
             result = await self._start_attempt(body, items, customer, claim)
-            return self._created(result), True
+            return await self._created(result), True
 
         counted = False
 
@@ -231,28 +231,50 @@ class CheckoutService:
             )
             if not joined_a_failed_attempt:
                 break
-        return self._created(result), claim.claimed
+        return await self._created(result), claim.claimed
 
-    @staticmethod
-    def _created(result: StartResult) -> CheckoutCreated:
+    async def _created(self, result: StartResult) -> CheckoutCreated:
+        """The workflow's answer, with the client_secret unsealed for the client (a run that
+        began before sealing has it in clear)."""
         if result.failure is not None:
             raise _refusal(result)
-        assert result.created is not None
-        return result.created
+        created = result.created
+        assert created is not None
+        payment = created.payment
+        secret = payment.client_secret
+        if secret is None and payment.client_secret_sealed is not None:
+            secret = await self._client_secret(
+                created.checkout_id, payment.client_secret_sealed, payment.payment_intent_id
+            )
+        return created.model_copy(
+            update={
+                "payment": payment.model_copy(
+                    update={"client_secret": secret, "client_secret_sealed": None}
+                )
+            }
+        )
+
+    async def _client_secret(
+        self, checkout_id: uuid.UUID, sealed: str | None, intent_id: str
+    ) -> str | None:
+        secret = self._sealer.unseal(sealed)
+        if secret is not None:
+            return secret
+        # Sealed under another SECRET_KEY (or before sealing existed): Stripe has it.
+        try:
+            intent = await self._stripe.retrieve_intent(intent_id)
+        except stripe.StripeError as exc:
+            log.warning("checkout %s: the client_secret from Stripe: %s", checkout_id, exc)
+            raise Unavailable(
+                "Stripe cannot be reached to answer this checkout; try again"
+            ) from exc
+        return intent.client_secret
 
     async def _replay(self, recorded: RecordedCheckout) -> CheckoutCreated:
         _bind(recorded.checkout_id, recorded.order_id)
-        secret = self._sealer.unseal(recorded.client_secret_sealed)
-        if secret is None:
-            # Sealed under another SECRET_KEY (or before sealing existed): Stripe has it.
-            try:
-                intent = await self._stripe.retrieve_intent(recorded.payment_intent_id)
-            except stripe.StripeError as exc:
-                log.warning("replay of checkout %s: Stripe: %s", recorded.checkout_id, exc)
-                raise Unavailable(
-                    "Stripe cannot be reached to answer this replay; try again"
-                ) from exc
-            secret = intent.client_secret
+        secret = await self._client_secret(
+            recorded.checkout_id, recorded.client_secret_sealed, recorded.payment_intent_id
+        )
         return CheckoutCreated(
             checkout_id=recorded.checkout_id,
             order_id=recorded.order_id,

@@ -205,3 +205,51 @@ async def test_who_may_check_out_as_whom(
     with pytest.raises(Forbidden):
         await service.start(body, KEY, caller, "203.0.113.7")
     assert service.asked == []
+
+
+class _StripeKnowsTheSecret:
+    """For a secret sealed under another SECRET_KEY: the service asks Stripe instead."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def retrieve_intent(self, intent_id: str) -> object:
+        self.asked.append(intent_id)
+
+        class Intent:
+            client_secret = f"{intent_id}_secret_from_stripe"
+
+        return Intent()
+
+
+def _sealed_answer(claim: KeyClaim, sealed: str | None, clear: str | None) -> StartResult:
+    answer = created(claim)
+    assert answer.created is not None
+    payment = PaymentOut(
+        payment_intent_id="pi_1", client_secret=clear, client_secret_sealed=sealed, status="x"
+    )
+    return StartResult(created=answer.created.model_copy(update={"payment": payment}))
+
+
+async def test_the_workflows_sealed_client_secret_reaches_the_client_in_clear(
+    db: SessionFactory,
+) -> None:
+    """The workflow's answer carries the secret sealed (its history is shown to operators);
+    the client gets it in clear. An answer recorded before sealing passes as it is, and one
+    sealed under another SECRET_KEY is read back from Stripe."""
+    service = Scripted(db, [])
+    sealer = Sealer("test-secret-key-for-sealing")
+    stripe = _StripeKnowsTheSecret()
+    service._stripe = stripe  # type: ignore[assignment]
+    cases = [
+        (sealer.seal("pi_1_secret_abc"), None, "pi_1_secret_abc"),
+        (None, "pi_1_secret_old_run", "pi_1_secret_old_run"),
+        (Sealer("a-rotated-secret-key").seal("pi_1_secret_abc"), None, "pi_1_secret_from_stripe"),
+    ]
+    for sealed, clear, expected in cases:
+        claim = KeyClaim(uuid.uuid4(), uuid.uuid4(), "fp", claimed=True)
+        service.answers.append(_sealed_answer(claim, sealed, clear))
+        checkout, _ = await service.start(BODY, None, GUEST, "203.0.113.7")
+        assert checkout.payment.client_secret == expected
+        assert checkout.payment.client_secret_sealed is None
+    assert stripe.asked == ["pi_1"]

@@ -138,6 +138,12 @@ async def test_checkout_then_card_payment_marks_the_order_paid_and_commits_stock
             break
         await asyncio.sleep(0.1)
     assert found == [checkout_workflow_id(created["checkout_id"])]
+    # The run's history (what the Temporal UI shows operators) never holds the client_secret:
+    # the activity's result, the update's answer and the workflow's result carry it sealed.
+    history = await stack.history(created["checkout_id"])
+    recorded = b"".join(event.SerializeToString() for event in history.events)  # payloads raw
+    assert created["payment"]["client_secret"].encode() not in recorded
+    assert b'"client_secret_sealed":"' in recorded
 
 
 async def test_a_declined_card_is_recorded_and_another_card_pays(stack: Stack) -> None:
@@ -329,6 +335,8 @@ async def test_idempotency_key_replays_the_same_checkout_even_concurrently(stack
     later = await stack.api.post("/checkout", json=body, headers={"Idempotency-Key": key})
     assert later.status_code == 200
     assert later.json()["order_id"] == bodies[0]["order_id"]
+    # The secret, unsealed from the order's payment row; the intent's status is its own now.
+    assert later.json()["payment"] == {**bodies[0]["payment"], "status": "canceled"}
     assert await inventory(stack, "MUG") == (10, 0, 10)
 
 

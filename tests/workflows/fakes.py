@@ -187,7 +187,7 @@ class FakeWorld:
             status=intent["status"],
             amount=intent["amount"],
             currency=intent["currency"],
-            client_secret=f"{intent_id}_secret",
+            client_secret_sealed=f"{intent_id}_sealed",
         )
 
     def activities(self) -> list[Any]:

@@ -165,7 +165,9 @@ async def test_paid_checkout_commits_stock_and_marks_the_order_paid(
     created = checkout.start.created
     assert created is not None
     assert created.totals.total == 2 * 1200 + 2500
-    assert created.payment.client_secret == f"{checkout.intent_id}_secret"
+    # Sealed as the activity returned it: the answer is kept in the workflow's history.
+    assert created.payment.client_secret_sealed == f"{checkout.intent_id}_sealed"
+    assert created.payment.client_secret is None
     assert created.expires_at - created.expires_at.replace(microsecond=0) < timedelta(seconds=1)
     assert world.reserved == {"mug": 2, "tee": 1}
 

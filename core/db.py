@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping
 from functools import cache
 from typing import Any, TypeAlias
@@ -85,9 +87,23 @@ class Sql:
                 await cursor.execute(self.sql, params)
                 return await cursor.fetchall() if cursor.description else []
         except psycopg.Error as exc:
+            broken = driver.broken
+            if broken:  # as SQLAlchemy does: the pool must not hand it out again
+                await connection.invalidate(exc)
             raise DBAPIError.instance(
-                self.sql, None, exc, psycopg.Error, hide_parameters=True
+                self.sql,
+                None,
+                exc,
+                psycopg.Error,
+                hide_parameters=True,
+                connection_invalidated=broken,
             ) from exc
+        except BaseException:
+            # Cancelled mid-statement (an attempt's timeout, say): the connection's state is
+            # unknown, so, as SQLAlchemy does, it is dropped rather than given back to the pool.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(connection.invalidate())
+            raise
 
     async def one_or_none(self, session: AsyncSession, params: Mapping[str, Any]) -> Any:
         rows = await self.rows(session, params)

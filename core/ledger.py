@@ -62,17 +62,17 @@ _SELECT_RESERVATIONS = Sql(
     "SELECT sku, quantity, status, expires_at FROM reservations"
     " WHERE checkout_id = :checkout_id ORDER BY sku"
 )
-# The checkout's reservation rows, then the stock rows of their SKUs (in SKU order, as above),
-# locked in this order by one statement. A reservation row that had to be waited for is read
-# as it is after the wait; its SKU and quantity never change, so the stock locked is the
-# right one.
+# The checkout's reservation rows, then (if it is in `:source`, to be moved) the stock rows of
+# their SKUs (in SKU order, as above), locked in this order by one statement. A reservation
+# row that had to be waited for is read as it is after the wait (its status included); its SKU
+# and quantity never change, so the stock locked is the right one.
 _LOCK_RESERVATION_AND_STOCK = Sql(
     """
     WITH held AS (
         SELECT sku, quantity, status, expires_at FROM reservations
         WHERE checkout_id = :checkout_id ORDER BY sku FOR UPDATE
     ), stock_held AS (
-        SELECT s.sku FROM stock s WHERE s.sku IN (SELECT sku FROM held)
+        SELECT s.sku FROM stock s WHERE s.sku IN (SELECT sku FROM held WHERE status = :source)
         ORDER BY s.sku FOR UPDATE
     )
     SELECT h.sku, h.quantity, h.status, h.expires_at, (SELECT count(*) FROM stock_held) AS locked
@@ -275,7 +275,9 @@ class StockLedger:
         Returns it unchanged if it is in any other status (already the target included): the
         caller decides what that means.
         """
-        rows = await _LOCK_RESERVATION_AND_STOCK.rows(session, {"checkout_id": checkout_id})
+        rows = await _LOCK_RESERVATION_AND_STOCK.rows(
+            session, {"checkout_id": checkout_id, "source": move.source}
+        )
         if not rows:
             raise NotFound(f"no reservation for checkout {checkout_id}")
         current = _result(checkout_id, rows)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Self, TypeVar
 
 from temporalio.api.enums.v1 import ResourceExhaustedCause
 from temporalio.api.errordetails.v1 import MultiOperationExecutionFailure, ResourceExhaustedFailure
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import PydanticPayloadConverter
-from temporalio.converter import DataConverter
+from temporalio.converter import DataConverter, SerializationContext, WithSerializationContext
 from temporalio.runtime import (
     LogForwardingConfig,
     LoggingConfig,
@@ -52,6 +52,14 @@ class SharedPydanticPayloadConverter(PydanticPayloadConverter):
 
     def __init__(self) -> None:
         """Built once, in `__new__`."""
+
+    def with_context(self, context: SerializationContext) -> Self:
+        """The SDK's version builds a new instance and replaces its converters, which here
+        would replace the shared instance's: refused, should one of them ever take a
+        serialization context (none does)."""
+        if any(isinstance(c, WithSerializationContext) for c in self.converters.values()):
+            raise TypeError("the shared payload converter cannot take a serialization context")
+        return self
 
 
 # Pydantic models and everything else pydantic can convert, as JSON.

@@ -242,7 +242,7 @@ class CheckoutService:
         assert created is not None
         payment = created.payment
         secret = payment.client_secret
-        if secret is None and payment.client_secret_sealed is not None:
+        if secret is None:  # sealed; or, from a worker that returned neither, Stripe's
             secret = await self._client_secret(
                 created.checkout_id, payment.client_secret_sealed, payment.payment_intent_id
             )

@@ -4,6 +4,7 @@ statement's parameters."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -81,3 +82,29 @@ async def test_errors_are_sqlalchemys_without_the_parameters(db: SessionFactory)
     # Nothing was kept, and the pool's connections still work.
     async with db() as session:
         assert (await _STOCK.one(session, {"skus": [first]})).reserved == 0
+
+
+async def test_a_statement_cancelled_midway_drops_its_connection(db: SessionFactory) -> None:
+    """As SQLAlchemy does with its own statements: a connection whose statement was cancelled
+    (an activity attempt's timeout) is not handed out again."""
+    marker = f"cancelled-{uuid.uuid4().hex}"
+    slow = Sql(f"SELECT pg_sleep(30), '{marker}'")
+    async with db() as session:
+        connection = await session.connection()
+        driver = (await connection.get_raw_connection()).driver_connection
+        running = asyncio.create_task(slow.rows(session, {}))
+        async with db() as watcher:  # another connection sees the statement start
+            active = Sql("SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE :q")
+            for _ in range(1000):
+                if (await active.one(watcher, {"q": f"%pg_sleep(30), '{marker}'%"})).n >= 1:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("the statement never started")
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert connection.invalidated
+        assert driver is not None and driver.closed
+    async with db() as session:  # the pool gives a working connection
+        assert (await _PERCENT.one(session, {"n": 1})).doubled == 2

@@ -115,6 +115,28 @@ async def test_concurrent_duplicates_of_one_checkout_reserve_once(
     assert await levels(catalog, "mug") == {"mug": (10, 2)}
 
 
+async def test_duplicates_that_find_the_stock_taken_by_their_twin_get_its_reservation(
+    catalog: Catalog, ledger: StockLedger
+) -> None:
+    """The last units, reserved by one of ten concurrent duplicates: the other nine see no
+    stock left, and answer with their twin's reservation, not a shortage."""
+    await stock(catalog, "mug", 2)
+    checkout = uuid.uuid4()
+
+    results = await asyncio.gather(*(ledger.reserve(checkout, [("mug", 2)]) for _ in range(10)))
+
+    assert len(set(results)) == 1
+    assert await levels(catalog, "mug") == {"mug": (2, 2)}
+    # A retry that names a SKU gone from the catalog since gets the reservation too.
+    assert await ledger.reserve(checkout, [("mug", 2), ("no-such-sku", 1)]) == results[0]
+    # Another checkout is refused, and nothing changes.
+    with pytest.raises(InsufficientStock):
+        await ledger.reserve(uuid.uuid4(), [("mug", 1)])
+    with pytest.raises(UnknownSku):
+        await ledger.reserve(uuid.uuid4(), [("no-such-sku", 1)])
+    assert await levels(catalog, "mug") == {"mug": (2, 2)}
+
+
 async def test_commit_moves_reserved_stock_out_and_is_idempotent(
     catalog: Catalog, ledger: StockLedger
 ) -> None:

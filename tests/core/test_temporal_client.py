@@ -188,7 +188,7 @@ def test_the_data_converter_shares_one_payload_converter_and_round_trips_models(
     """Every data converter the worker builds (one per activation) gets the same payload
     converter, and it converts pydantic models and plain values as the SDK's own does."""
     from temporalio.contrib.pydantic import pydantic_data_converter
-    from temporalio.converter import DataConverter
+    from temporalio.converter import DataConverter, WorkflowSerializationContext
 
     from core.temporal import DATA_CONVERTER, SharedPydanticPayloadConverter
     from workflows.models import CartItem
@@ -203,4 +203,7 @@ def test_the_data_converter_shares_one_payload_converter_and_round_trips_models(
     ours = DATA_CONVERTER.payload_converter.to_payloads(values)
     assert ours == pydantic_data_converter.payload_converter.to_payloads(values)
     hints: list[type] = [CartItem, dict, type(None), str]
+    # No converter of it takes a serialization context: the context leaves it as it is.
+    context = WorkflowSerializationContext(namespace="default", workflow_id="checkout-1")
+    assert shared.with_context(context) is shared
     assert again.payload_converter.from_payloads(ours, hints) == values

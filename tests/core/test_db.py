@@ -93,14 +93,17 @@ async def test_a_statement_cancelled_midway_drops_its_connection(db: SessionFact
         connection = await session.connection()
         driver = (await connection.get_raw_connection()).driver_connection
         running = asyncio.create_task(slow.rows(session, {}))
-        async with db() as watcher:  # another connection sees the statement start
-            active = Sql("SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE :q")
-            for _ in range(1000):
-                if (await active.one(watcher, {"q": f"%pg_sleep(30), '{marker}'%"})).n >= 1:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                pytest.fail("the statement never started")
+        # Another connection sees the statement start. Each look is a transaction of its
+        # own: within one, pg_stat_activity answers the same snapshot every time.
+        active = Sql("SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE :q")
+        for _ in range(1000):
+            async with db() as watcher:
+                seen = await active.one(watcher, {"q": f"%pg_sleep(30), '{marker}'%"})
+            if seen.n >= 1:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the statement never started")
         running.cancel()
         with pytest.raises(asyncio.CancelledError):
             await running

@@ -75,8 +75,7 @@ class Sql:
     """
 
     def __init__(self, sql: str) -> None:
-        self.clause = text(sql)
-        self.sql = self.clause.compile(dialect=psycopg_dialect()).string
+        self.sql = text(sql).compile(dialect=psycopg_dialect()).string
 
     async def rows(self, session: AsyncSession, params: Mapping[str, Any]) -> list[Any]:
         connection = await session.connection()

@@ -65,7 +65,8 @@ _SELECT_RESERVATIONS = Sql(
 # The checkout's reservation rows, then (if it is in `:source`, to be moved) the stock rows of
 # their SKUs (in SKU order, as above), locked in this order by one statement. A reservation
 # row that had to be waited for is read as it is after the wait (its status included); its SKU
-# and quantity never change, so the stock locked is the right one.
+# and quantity never change, so the stock locked is the right one. (`locked` is there to be
+# read: a CTE no part of the query reads is never run.)
 _LOCK_RESERVATION_AND_STOCK = Sql(
     """
     WITH held AS (

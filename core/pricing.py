@@ -61,6 +61,12 @@ class ShippingTerms:
     free_over: int | None
     active: bool
 
+    @classmethod
+    def from_row(cls, row: Any, prefix: str = "") -> ShippingTerms:
+        """From a row of `shipping_methods` whose columns are named `prefix` + field."""
+        values = {f.name: getattr(row, prefix + f.name) for f in fields(cls)}
+        return cls(**{**values, "countries": tuple(values["countries"])})
+
     def ships_to(self, country: str) -> bool:
         return not self.countries or country.upper() in self.countries
 
@@ -291,15 +297,7 @@ async def load_terms(session: AsyncSession, request: TermsRequest) -> Terms:
                 f"unknown shipping method {request.shipping_method}",
                 details={"shipping_method": request.shipping_method, "reason": "unknown"},
             )
-        shipping = ShippingTerms(
-            code=row.s_code,
-            name=row.s_name,
-            price=row.s_price,
-            currency=row.s_currency,
-            countries=tuple(row.s_countries),
-            free_over=row.s_free_over,
-            active=row.s_active,
-        )
+        shipping = ShippingTerms.from_row(row, "s_")
         assert country is not None
         if not shipping.ships_to(country):
             raise ShippingUnavailable(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import cast
 
 from sqlalchemy import ARRAY, String, Table, any_, bindparam, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -108,18 +108,6 @@ _HELD = text(
 )
 
 
-def _shipping_terms(row: Any) -> ShippingTerms:
-    return ShippingTerms(
-        code=row.code,
-        name=row.name,
-        price=row.price,
-        currency=row.currency,
-        countries=tuple(row.countries),
-        free_over=row.free_over,
-        active=row.active,
-    )
-
-
 async def shipping_methods(
     session: AsyncSession, *, country: str | None, currency: str | None
 ) -> list[ShippingTerms]:
@@ -133,7 +121,7 @@ async def shipping_methods(
         )
     if currency is not None:
         query = query.where(t.c.currency == currency.lower())
-    return [_shipping_terms(row) for row in await session.execute(query)]
+    return [ShippingTerms.from_row(row) for row in await session.execute(query)]
 
 
 class PricingCatalog:

@@ -22,9 +22,10 @@ checkout can beat on this machine. Usage:
     python -m devtools.bench [--levels 1,10,50] [--checkouts-per-client 30] [--floor-levels 1,10]
                              [--priced-levels 10] [--ratio-rounds 3]
 
-`--ratio-rounds` ends with the ratio at concurrency 10 measured that many times, checkouts and
-floor back to back in each round, and their median: the figure to quote, since the speed of a
-shared machine drifts between the first levels and the floor.
+`--ratio-rounds` ends with the ratio at concurrency 10 measured that many times, each round's
+checkouts against the mean of the floors run just before and just after them, and their median:
+the figure to quote, since the speed of a shared machine drifts between the first levels and the
+floor, and within minutes.
 `--priced-levels` runs those concurrencies again with an address, a shipping method, a tax
 rate and a promotion on every checkout, and prints their ratio to the plain run.
 """
@@ -388,25 +389,35 @@ def _ratio_rounds(
     cpu: Cpu,
     events: EventDrain | None,
 ) -> None:
-    """The ratio measured `rounds` times, checkouts then floor, back to back: the speed of a
-    shared machine drifts by tens of percent within minutes, and a ratio of two figures taken
-    minutes apart measures that drift as much as the checkout. Prints each round's ratio and
-    their median."""
+    """The ratio measured `rounds` times, each round's checkouts between two floors: the speed
+    of a shared machine drifts by tens of percent within minutes, and a ratio of two figures
+    taken minutes apart measures that drift as much as the checkout. Each round's checkouts
+    are compared with the mean of the floor measured just before and just after them (floor,
+    checkouts, floor, checkouts, ..., floor), so that a drift steady over the round cancels
+    out. Prints each round's ratio and their median."""
     print(
-        f"\nratio at concurrency {concurrency}, {rounds} rounds of checkouts then floor"
-        " (each its own figures)"
+        f"\nratio at concurrency {concurrency}, {rounds} rounds of checkouts, each between two"
+        " floors (each its own figures)"
     )
-    ratios: list[float] = []
-    for number in range(1, rounds + 1):
-        rate = _level(stack, db_url, concurrency, args, cpu, events, per_client=30)
+
+    def floor() -> float:
         with _floor_worker(stack) as measure:
             result = measure(concurrency)
         print(f"{'':>4} floor {_floor_line(result).strip()}", flush=True)
-        ratios.append(rate / result.per_second)
+        return result.per_second
+
+    ratios: list[float] = []
+    before = floor()
+    for number in range(1, rounds + 1):
+        rate = _level(stack, db_url, concurrency, args, cpu, events, per_client=30)
+        after = floor()
+        ratios.append(rate / statistics.mean((before, after)))
         print(
-            f"{'':>4} round {number}: {rate:.1f} / {result.per_second:.1f} = {ratios[-1]:.2f}",
+            f"{'':>4} round {number}: {rate:.1f} / mean({before:.1f}, {after:.1f}) ="
+            f" {ratios[-1]:.2f}",
             flush=True,
         )
+        before = after
     print(
         f"median ratio at concurrency {concurrency}: {statistics.median(ratios):.2f}"
         f" (rounds: {', '.join(f'{r:.2f}' for r in ratios)})",
@@ -471,7 +482,7 @@ def main() -> None:
         "--ratio-rounds",
         type=int,
         default=3,
-        help="rounds of checkouts then floor at concurrency 10, for the median ratio; 0 to skip",
+        help="rounds of checkouts between floors at concurrency 10 (median ratio); 0 to skip",
     )
     args = parser.parse_args()
     for name in EXTERNAL:

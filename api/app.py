@@ -84,6 +84,9 @@ def create_app(
         quote_limiter = CheckoutLimiter(
             settings.rate_limit_quotes, settings.redis_url, key_prefix="quote"
         )
+        auth_failures = CheckoutLimiter(
+            settings.rate_limit_auth_failures, settings.redis_url, key_prefix="auth-failures"
+        )
         pricing_catalog = PricingCatalog(sessions)
         carts = CartStore(sessions, ttl_seconds=settings.cart_ttl)
         orders = OrderStore(sessions, StockLedger(sessions))
@@ -101,6 +104,7 @@ def create_app(
             temporal=temporal,
             auth=auth,
             limiter=limiter,
+            auth_failures=auth_failures,
             metrics=metrics,
             catalog=Catalog(sessions),
             orders=orders,
@@ -137,6 +141,7 @@ def create_app(
         finally:
             await limiter.aclose()
             await quote_limiter.aclose()
+            await auth_failures.aclose()
             await auth.aclose()
             await gateway.aclose()
             await engine.dispose()

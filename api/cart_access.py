@@ -15,7 +15,7 @@ from fastapi import Depends, Header, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials
 
 from api.auth import Caller, CallerKind
-from api.deps import ServicesDep, bearer
+from api.deps import ServicesDep, authenticate, bearer
 from core.carts import CART_TOKEN, CART_TOKEN_PREFIX, CartCaller
 from core.errors import Unauthorized
 
@@ -70,7 +70,7 @@ async def _credentials(
     if cart_token is not None and not CART_TOKEN.fullmatch(cart_token):
         # On every route that reads it, a cart request or not (v2: a malformed credential).
         raise Unauthorized("malformed cart token")
-    caller = await services.auth.authenticate(authorization)
+    caller = await authenticate(request, services, authorization)
     return Credentials(caller, cart_token)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -21,11 +22,14 @@ from api.services.webhook import WebhookInbox
 from core.carts import CartStore
 from core.catalog import Catalog
 from core.db import SessionFactory
+from core.errors import RateLimited, Unauthorized
 from core.event_feed import EventFeed
 from core.orders import OrderStore
 from core.pricing_catalog import PricingCatalog
 from core.settings import Settings
 from core.stripe_gateway import StripeGateway
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +40,8 @@ class Services:
     temporal: Client
     auth: Authenticator
     limiter: CheckoutLimiter
+    # RATE_LIMIT_AUTH_FAILURES: refused credentials per client address (`authenticate`).
+    auth_failures: CheckoutLimiter
     metrics: ApiMetrics
     catalog: Catalog
     orders: OrderStore
@@ -67,12 +73,44 @@ bearer = HTTPBearer(
 )
 
 
+async def authenticate(request: Request, services: Services, authorization: str | None) -> Caller:
+    """The caller behind `authorization` (the request's `Authorization` header, as the route
+    read it). Every route's credential passes here.
+
+    An address whose credentials were refused RATE_LIMIT_AUTH_FAILURES times (401) is answered
+    429 `rate_limited` for any credential it presents, good or bad, until its window has room:
+    the answer to a guess then says nothing of whether it was right. Requests without a
+    credential (guests) are not affected."""
+    if authorization is None:
+        return await services.auth.authenticate(None)
+    identity = f"address:{client_address(request)}"
+    try:
+        await services.auth_failures.check(identity)
+    except RateLimited as exc:
+        raise RateLimited(
+            f"too many refused credentials from this address; retry in {exc.retry_after} s",
+            retry_after=exc.retry_after,
+            limit="credentials",
+        ) from None
+    try:
+        return await services.auth.authenticate(authorization)
+    except Unauthorized:
+        if await services.auth_failures.spend(identity):
+            log.warning(
+                "refused credentials from %s reached RATE_LIMIT_AUTH_FAILURES (%s): its"
+                " credentials are answered 429 until its window has room",
+                identity,
+                services.settings.rate_limit_auth_failures,
+            )
+        raise
+
+
 async def _caller(
     request: Request,
     services: ServicesDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Caller:
-    return await services.auth.authenticate(request.headers.get("authorization"))
+    return await authenticate(request, services, request.headers.get("authorization"))
 
 
 CallerDep = Annotated[Caller, Depends(_caller)]

@@ -1,4 +1,6 @@
-"""`CheckoutLimiter`: RATE_LIMIT_CHECKOUTS per identity (a client address, a customer).
+"""`CheckoutLimiter`: a rate per identity (a client address, a customer): RATE_LIMIT_CHECKOUTS
+for checkouts, and, each a budget of its own, RATE_LIMIT_QUOTES for quotes and
+RATE_LIMIT_AUTH_FAILURES for refused credentials.
 
 Counters live in this process, or in Redis when REDIS_URL is set so that every API process
 spends one shared budget. The strategy is `limits`' sliding window counter: two counters per
@@ -12,6 +14,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 import coredis
 from limits import RateLimitItem, parse_many
@@ -69,12 +72,40 @@ class CheckoutLimiter:
     async def hit(self, *identities: str) -> None:
         """Count one checkout against each identity; RateLimited if any is over its limit.
         While Redis cannot be asked, counts in this process instead (and logs a warning)."""
+        await self._guarded(self._hit, identities)
+
+    async def check(self, *identities: str) -> None:
+        """RateLimited if any identity has spent its budget; counts nothing (see `spend`)."""
+        await self._guarded(self._check, identities)
+
+    async def spend(self, *identities: str) -> bool:
+        """Count one against each identity, never refusing; True if one has now spent its
+        whole budget (its next `check` is refused)."""
+        exhausted: list[str] = []
+
+        async def count(limiter: SlidingWindowCounterRateLimiter, ids: tuple[str, ...]) -> None:
+            exhausted.clear()  # a retry in this process's counters starts over
+            for item in self._items:
+                for identity in ids:
+                    # Refused (not counted) once the budget is spent: it stays spent.
+                    await limiter.hit(item, identity)
+                    if not await limiter.test(item, identity):
+                        exhausted.append(identity)
+
+        await self._guarded(count, identities)
+        return bool(exhausted)
+
+    async def _guarded(
+        self,
+        use: Callable[[SlidingWindowCounterRateLimiter, tuple[str, ...]], Awaitable[None]],
+        identities: tuple[str, ...],
+    ) -> None:
         if time.monotonic() < self._redis_down_until:
-            await self._hit(self._fallback, identities)
+            await use(self._fallback, identities)
             return
         try:
             async with asyncio.timeout(_HIT_TIMEOUT):
-                await self._hit(self._limiter, identities)
+                await use(self._limiter, identities)
         except (StorageError, TimeoutError) as exc:
             # A rate limiter that cannot reach Redis must not take checkout down with it, nor
             # stop limiting: the process's own counters stand in until Redis answers again.
@@ -84,21 +115,27 @@ class CheckoutLimiter:
                 exc,
                 _REDIS_RETRY_INTERVAL,
             )
-            await self._hit(self._fallback, identities)
+            await use(self._fallback, identities)
+
+    async def _check(
+        self, limiter: SlidingWindowCounterRateLimiter, identities: tuple[str, ...]
+    ) -> None:
+        for item in self._items:
+            for identity in identities:
+                if not await limiter.test(item, identity):
+                    raise await self._refusal(limiter, item, identity)
 
     async def _hit(
         self, limiter: SlidingWindowCounterRateLimiter, identities: tuple[str, ...]
     ) -> None:
-        pairs = [(item, identity) for item in self._items for identity in identities]
         # Test all before counting any, so that a checkout refused for one identity (say, its
         # customer) spends nothing of another's budget (its address, shared behind a NAT).
         # Concurrent checkouts can pass the test together; the hit is what decides.
-        for item, identity in pairs:
-            if not await limiter.test(item, identity):
-                raise await self._refusal(limiter, item, identity)
-        for item, identity in pairs:
-            if not await limiter.hit(item, identity):
-                raise await self._refusal(limiter, item, identity)
+        await self._check(limiter, identities)
+        for item in self._items:
+            for identity in identities:
+                if not await limiter.hit(item, identity):
+                    raise await self._refusal(limiter, item, identity)
 
     @staticmethod
     async def _refusal(

@@ -172,6 +172,10 @@ class Settings(EventSettings):
     rate_limit_checkouts: str = "30/minute"
     # POST /checkout/quote per client address: a page view may quote, so a wider budget.
     rate_limit_quotes: str = "120/minute"
+    # Refused credentials (a wrong admin token, a forged order token, a bad customer JWT) per
+    # client address: past it, every request of that address that carries a credential is
+    # answered 429 until its window has room, so a token cannot be guessed at speed.
+    rate_limit_auth_failures: str = "20/minute"
     max_pending_checkouts: int = Field(default=3, ge=1)
     # Shared rate-limit counters between API processes; unset: per process.
     redis_url: str | None = None

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import Field, TypeAdapter
 
-from api.deps import CatalogDep, EventsDep, RefundsDep, bearer
+from api.deps import CatalogDep, EventsDep, RefundsDep, authenticate, bearer
 from api.schemas import (
     SKU_PATTERN,
     ErrorBody,
@@ -37,8 +37,9 @@ class AdminRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def guarded(request: Request) -> Response:
-            auth = request.app.state.services.auth
-            auth.require_admin(await auth.authenticate(request.headers.get("authorization")))
+            services = request.app.state.services
+            caller = await authenticate(request, services, request.headers.get("authorization"))
+            services.auth.require_admin(caller)
             return await handler(request)
 
         return guarded

@@ -12,13 +12,17 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from api.client_address import ClientAddressMiddleware, TrustedProxies, client_address
+from api.deps import Services
 from api.ratelimit import CheckoutLimiter
+from core.db import SessionFactory
 from core.errors import ErrorCode, RateLimited
-from tests.conftest import free_port
+from core.settings import Settings
+from tests.conftest import free_port, running_app
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
 ADDRESS = "address:203.0.113.7"
@@ -123,6 +127,24 @@ async def test_every_limit_of_a_multiple_rate_holds(limiters: LimiterFactory) ->
     await limiter.hit(ADDRESS)
     with pytest.raises(RateLimited):
         await limiter.hit(ADDRESS)
+
+
+async def test_check_counts_nothing_and_spend_never_refuses(limiters: LimiterFactory) -> None:
+    limiter = limiters("2/hour")
+    for _ in range(5):
+        await limiter.check(ADDRESS)
+    assert await limiter.spend(ADDRESS) is False
+    await limiter.check(ADDRESS)
+    # The spend that uses the budget up says so; checking is refused from then on.
+    assert await limiter.spend(ADDRESS) is True
+    with pytest.raises(RateLimited) as refused:
+        await limiter.check(ADDRESS)
+    assert 1 <= refused.value.retry_after <= 3600
+    # Spending more is not an error, and the budget stays spent; others keep theirs.
+    assert await limiter.spend(ADDRESS) is True
+    with pytest.raises(RateLimited):
+        await limiter.check(ADDRESS)
+    await limiter.check(CUSTOMER)
 
 
 async def test_two_processes_on_one_redis_share_one_budget(redis_url: str) -> None:
@@ -274,3 +296,72 @@ async def test_the_middleware_sets_the_client_from_every_forwarded_for_header() 
     assert await client_seen((PROXY, 5000), b"198.51.100.1", CLIENT.encode()) == (CLIENT, 0)
     assert await client_seen((CLIENT, 5000), b"198.51.100.1") == (CLIENT, 5000)
     assert await client_seen((PROXY, 5000)) == (PROXY, 5000)
+
+
+@pytest.fixture
+async def guarded_api(
+    db: SessionFactory, app_settings: Settings
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with RATE_LIMIT_AUTH_FAILURES=3/hour, behind a trusted proxy (the test client's
+    127.0.0.1), so that a request says which client address it comes from."""
+    own = app_settings.model_copy(
+        update={"rate_limit_auth_failures": "3/hour", "trusted_proxies": ["127.0.0.1"]}
+    )
+    async with running_app(own) as client:
+        yield client
+
+
+def _from(address: str, token: str | None = None) -> dict[str, str]:
+    headers = {"X-Forwarded-For": address}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+async def test_refused_credentials_lock_their_address_out_of_every_credential(
+    guarded_api: httpx.AsyncClient, settings: Settings
+) -> None:
+    api = guarded_api
+    admin = settings.admin_token.get_secret_value()
+    guesser, neighbour = "198.51.100.7", "198.51.100.8"
+
+    guesses = [
+        await api.get("/admin/events", headers=_from(guesser, f"guess-{i}")) for i in range(3)
+    ]
+    assert [(r.status_code, r.json()["error"]) for r in guesses] == [(401, "unauthorized")] * 3
+
+    # The right token now gets the same answer as a wrong one: the guess is not confirmed.
+    for token in (admin, "guess-4"):
+        locked = await api.get("/admin/events", headers=_from(guesser, token))
+        assert (locked.status_code, locked.json()["error"]) == (429, "rate_limited")
+        assert 1 <= int(locked.headers["retry-after"]) <= 3600
+        assert locked.json()["details"] == {"retry_after": int(locked.headers["retry-after"])}
+    # Guests of that address, and every credential of another address, go on as before.
+    guest = await api.post("/carts", headers=_from(guesser))
+    assert guest.status_code == 201, guest.text
+    assert guest.json()["cart_token"].startswith("ct_")
+    assert (await api.get("/admin/events", headers=_from(neighbour, admin))).status_code == 200
+    # A credential of another kind that does not verify counts the same (a forged order token).
+    services: Services = api._transport.app.state.services  # type: ignore[attr-defined]
+    forged = services.auth.order_token(uuid.uuid4())[:-2] + "AA"
+    for _ in range(3):
+        answer = await api.get(f"/orders/{uuid.uuid4()}", headers=_from(neighbour, forged))
+        assert answer.status_code == 401
+    refused = await api.get("/admin/events", headers=_from(neighbour, admin))
+    assert refused.status_code == 429
+
+
+async def test_valid_credentials_and_forbidden_ones_spend_nothing(
+    guarded_api: httpx.AsyncClient, settings: Settings
+) -> None:
+    api = guarded_api
+    admin = settings.admin_token.get_secret_value()
+    services: Services = api._transport.app.state.services  # type: ignore[attr-defined]
+    order_token = services.auth.order_token(uuid.uuid4())
+    for _ in range(5):
+        assert (
+            await api.get("/admin/events", headers=_from("198.51.100.9", admin))
+        ).status_code == 200
+        # A valid credential of the wrong kind is 403: it guessed nothing.
+        forbidden = await api.get("/admin/events", headers=_from("198.51.100.9", order_token))
+        assert forbidden.status_code == 403

@@ -163,6 +163,54 @@ async def test_behind_a_trusted_proxy_addresses_and_customers_are_limited_apart(
     assert await post("d@example.com", "198.51.100.99") == 201
 
 
+@pytest.fixture
+async def guarded(stack: Stack) -> AsyncIterator[Stack]:
+    """The shared stack with RATE_LIMIT_AUTH_FAILURES=3/minute for one test."""
+    services = stack.services
+    loose = services.auth_failures
+    services.auth_failures = CheckoutLimiter("3/minute", None, key_prefix="auth-failures")
+    yield stack
+    await services.auth_failures.aclose()
+    services.auth_failures = loose
+
+
+async def test_guessing_an_order_token_locks_the_address_out_and_changes_nothing(
+    guarded: Stack,
+) -> None:
+    stack = guarded
+    await put_product(stack, "MUG", 100)
+    made = await stack.api.post("/checkout", json=cart(("MUG", 1), email="guess@example.com"))
+    assert made.status_code == 201, made.text
+    created = made.json()
+    path = f"/orders/{created['order_id']}"
+    token = created["access_token"]
+    # Well-formed guesses at the order's token: the last character changed.
+    guesses = [token[:-1] + c for c in "ABCDEFGH" if c != token[-1]][:3]
+
+    refused = [
+        await stack.api.post(f"{path}/cancel", headers={"Authorization": f"Bearer {g}"})
+        for g in guesses
+    ]
+    assert [r.status_code for r in refused] == [401, 401, 401]
+    # Then even the right token (and the admin's, from this address) is answered 429: the
+    # guesser cannot tell a right guess, and the order is not cancelled by any of it.
+    for credential in (token, "test-admin-token"):
+        locked = await stack.api.post(
+            f"{path}/cancel", headers={"Authorization": f"Bearer {credential}"}
+        )
+        assert_refused(locked, 429, "rate_limited")
+        assert 1 <= int(locked.headers["retry-after"]) <= 60
+    assert await inventory(stack, "MUG") == (100, 1, 99)
+    async with stack.services.sessions() as session:
+        status = await session.scalar(
+            text("SELECT status FROM orders WHERE id = :id"), {"id": created["order_id"]}
+        )
+    assert status == "pending_payment"
+    # A guest of that address still checks out.
+    guest = await stack.api.post("/checkout", json=cart(("MUG", 1), email="guest@example.com"))
+    assert guest.status_code == 201, guest.text
+
+
 async def test_a_customer_cannot_hoard_more_than_max_pending_checkouts(stack: Stack) -> None:
     checkouts = stack.services.checkouts
     checkouts.max_pending_checkouts = 3

@@ -157,6 +157,21 @@ class Authenticator:
             return await self._customer_caller(token)
         raise _refused("bearer", "unknown bearer token")
 
+    @staticmethod
+    def guessable(authorization: str) -> bool:
+        """Whether this header's credential, if refused, may be a guess at a secret: a bearer
+        token that is neither an order token nor a JWT, i.e. the admin token (an operator's
+        choice). An order token is 256 bits of HMAC and a JWT carries a signature: neither can
+        be guessed, and a refused one (an expired JWT, say) is no attack."""
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        return (
+            scheme.lower() == "bearer"
+            and bool(token)
+            and not token.startswith(ORDER_TOKEN_PREFIX)
+            and token.count(".") != 2
+        )
+
     def order_token(self, order_id: uuid.UUID) -> str:
         """The access token of one order: the same every time, so a replay returns it again."""
         raw = order_id.bytes + self._order_mac(order_id.bytes)

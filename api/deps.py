@@ -13,8 +13,9 @@ from temporalio.client import Client
 
 from api.access import OrderAccess
 from api.auth import Authenticator, Caller
+from api.client_address import rate_limit_identity
 from api.metrics import ApiMetrics
-from api.ratelimit import CheckoutLimiter
+from api.ratelimit import CheckoutLimiter, Spent
 from api.services.checkout import CheckoutService
 from api.services.quote import QuoteService
 from api.services.refund import RefundService
@@ -77,32 +78,45 @@ async def authenticate(request: Request, services: Services, authorization: str 
     """The caller behind `authorization` (the request's `Authorization` header, as the route
     read it). Every route's credential passes here.
 
-    An address whose credentials were refused RATE_LIMIT_AUTH_FAILURES times (401) is answered
-    429 `rate_limited` for any credential it presents, good or bad, until its window has room:
-    the answer to a guess then says nothing of whether it was right. Requests without a
-    credential (guests) are not affected."""
-    if authorization is None:
-        return await services.auth.authenticate(None)
-    identity = f"address:{client_address(request)}"
+    Guessing the admin token is throttled: a client address (an IPv6 /64) whose admin-token
+    candidates (`Authenticator.guessable`) were refused RATE_LIMIT_AUTH_FAILURES times gets 429
+    `rate_limited` for any such token, the right one too, until its window has room, so that
+    an answer never tells a guess was right. Guests, order tokens and customer JWTs (which
+    cannot be guessed) are never held back by it. A burst's concurrent guesses are all judged
+    before any of them is counted: a window admits at most its budget plus the guesses then
+    in flight."""
+    if authorization is None or not services.auth.guessable(authorization):
+        return await services.auth.authenticate(authorization)
+    identity = rate_limit_identity(client_address(request))
     try:
         await services.auth_failures.check(identity)
     except RateLimited as exc:
-        raise RateLimited(
-            f"too many refused credentials from this address; retry in {exc.retry_after} s",
-            retry_after=exc.retry_after,
-            limit="credentials",
-        ) from None
+        raise _locked_out(exc.retry_after) from None
     try:
         return await services.auth.authenticate(authorization)
     except Unauthorized:
-        if await services.auth_failures.spend(identity):
+        spent = await services.auth_failures.spend(identity)
+        if spent is Spent.OVER:  # used up meanwhile, by a concurrent guess
+            try:
+                await services.auth_failures.check(identity)
+            except RateLimited as exc:
+                raise _locked_out(exc.retry_after) from None
+        if spent is Spent.LAST:
             log.warning(
-                "refused credentials from %s reached RATE_LIMIT_AUTH_FAILURES (%s): its"
-                " credentials are answered 429 until its window has room",
+                "refused admin tokens from %s reached RATE_LIMIT_AUTH_FAILURES (%s): its admin"
+                " tokens are answered 429 until its window has room",
                 identity,
                 services.settings.rate_limit_auth_failures,
             )
         raise
+
+
+def _locked_out(retry_after: int) -> RateLimited:
+    return RateLimited(
+        f"too many refused tokens from this address; retry in {retry_after} s",
+        retry_after=retry_after,
+        limit="credentials",
+    )
 
 
 async def _caller(

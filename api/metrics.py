@@ -11,7 +11,8 @@ is counted by the worker (`checkout_completed_total`), where the ending happens.
     checkout_refused_total{reason}                  POST /checkout answered with an error code
     checkout_rate_limited_total{limit}              address, customer (RATE_LIMIT_CHECKOUTS),
                                                     pending (MAX_PENDING_CHECKOUTS), credentials
-                                                    (RATE_LIMIT_AUTH_FAILURES)
+                                                    (an admin token locked out by
+                                                    RATE_LIMIT_AUTH_FAILURES)
     checkout_webhook_events_total{type, outcome}    outcome: acted, duplicate, ignored, ...,
                                                     or the error code (invalid_signature, ...)
     http_request_duration_seconds{method, route, status}   route: the template, never the path

@@ -1,6 +1,6 @@
 """`CheckoutLimiter`: a rate per identity (a client address, a customer): RATE_LIMIT_CHECKOUTS
 for checkouts, and, each a budget of its own, RATE_LIMIT_QUOTES for quotes and
-RATE_LIMIT_AUTH_FAILURES for refused credentials.
+RATE_LIMIT_AUTH_FAILURES for refused admin tokens.
 
 Counters live in this process, or in Redis when REDIS_URL is set so that every API process
 spends one shared budget. The strategy is `limits`' sliding window counter: two counters per
@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from enum import IntEnum
 
 import coredis
 from limits import RateLimitItem, parse_many
@@ -25,6 +26,15 @@ from limits.errors import StorageError
 from core.errors import RateLimited
 
 log = logging.getLogger(__name__)
+
+
+class Spent(IntEnum):
+    """What `CheckoutLimiter.spend` came to, in increasing order of gravity."""
+
+    COUNTED = 0
+    LAST = 1
+    OVER = 2
+
 
 # Redis answers in well under a millisecond on a healthy network: a connect or a command
 # that takes longer is an outage, and a checkout waits at most _HIT_TIMEOUT for its limits.
@@ -78,22 +88,23 @@ class CheckoutLimiter:
         """RateLimited if any identity has spent its budget; counts nothing (see `spend`)."""
         await self._guarded(self._check, identities)
 
-    async def spend(self, *identities: str) -> bool:
-        """Count one against each identity, never refusing; True if one has now spent its
-        whole budget (its next `check` is refused)."""
-        exhausted: list[str] = []
+    async def spend(self, *identities: str) -> Spent:
+        """Count one against each identity, never refusing: `Spent.COUNTED`, `Spent.LAST` (this
+        one used a budget up: the next `check` is refused) or `Spent.OVER` (a budget was
+        already spent: nothing more was counted)."""
+        spent: list[Spent] = []
 
         async def count(limiter: SlidingWindowCounterRateLimiter, ids: tuple[str, ...]) -> None:
-            exhausted.clear()  # a retry in this process's counters starts over
+            spent.clear()  # a retry in this process's counters starts over
             for item in self._items:
                 for identity in ids:
-                    # Refused (not counted) once the budget is spent: it stays spent.
-                    await limiter.hit(item, identity)
-                    if not await limiter.test(item, identity):
-                        exhausted.append(identity)
+                    if not await limiter.hit(item, identity):
+                        spent.append(Spent.OVER)
+                    elif not await limiter.test(item, identity):
+                        spent.append(Spent.LAST)
 
         await self._guarded(count, identities)
-        return bool(exhausted)
+        return max(spent, default=Spent.COUNTED)
 
     async def _guarded(
         self,

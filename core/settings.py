@@ -172,9 +172,9 @@ class Settings(EventSettings):
     rate_limit_checkouts: str = "30/minute"
     # POST /checkout/quote per client address: a page view may quote, so a wider budget.
     rate_limit_quotes: str = "120/minute"
-    # Refused credentials (a wrong admin token, a forged order token, a bad customer JWT) per
-    # client address: past it, every request of that address that carries a credential is
-    # answered 429 until its window has room, so a token cannot be guessed at speed.
+    # Refused admin-token candidates per client address: past it, every admin token of that
+    # address (the right one too) is answered 429 until its window has room, so that it cannot
+    # be guessed at speed (order tokens and customer JWTs cannot be guessed: not counted).
     rate_limit_auth_failures: str = "20/minute"
     max_pending_checkouts: int = Field(default=3, ge=1)
     # Shared rate-limit counters between API processes; unset: per process.

@@ -33,7 +33,7 @@ class QuoteService:
     def __init__(
         self, pricing: PricingCatalog, limiter: CheckoutLimiter, carts: CartStore | None = None
     ) -> None:
-        """`limiter`: the quotes' own budget per client address (RATE_LIMIT_CHECKOUTS, counted
+        """`limiter`: the quotes' own budget per client address (RATE_LIMIT_QUOTES, counted
         apart from the checkouts' so that quoting never spends a client's checkouts)."""
         self._pricing = pricing
         self._limiter = limiter

@@ -544,3 +544,20 @@ def _with_sub_escape(escape: str) -> str:
     body = f"{header}.{b64(payload)}"
     signature = hmac.new(JWT_SECRET.encode(), body.encode(), hashlib.sha256).digest()
     return f"{body}.{b64(signature)}"
+
+
+@pytest.mark.parametrize(
+    ("header", "guessable"),
+    [
+        ("Bearer some-admin-token", True),
+        ("bearer   padded-token  ", True),
+        (f"Bearer {ORDER_TOKEN_PREFIX}AAAA", False),
+        ("Bearer header.payload.signature", False),
+        ("Basic dXNlcjpwYXNz", False),
+        ("Bearer ", False),
+    ],
+)
+def test_only_a_token_that_could_be_the_admin_token_counts_as_a_guess(
+    header: str, guessable: bool
+) -> None:
+    assert Authenticator.guessable(header) is guessable

@@ -18,7 +18,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api.client_address import ClientAddressMiddleware, TrustedProxies, client_address
 from api.deps import Services
-from api.ratelimit import CheckoutLimiter
+from api.ratelimit import CheckoutLimiter, Spent
 from core.db import SessionFactory
 from core.errors import ErrorCode, RateLimited
 from core.settings import Settings
@@ -133,15 +133,15 @@ async def test_check_counts_nothing_and_spend_never_refuses(limiters: LimiterFac
     limiter = limiters("2/hour")
     for _ in range(5):
         await limiter.check(ADDRESS)
-    assert await limiter.spend(ADDRESS) is False
+    assert await limiter.spend(ADDRESS) is Spent.COUNTED
     await limiter.check(ADDRESS)
     # The spend that uses the budget up says so; checking is refused from then on.
-    assert await limiter.spend(ADDRESS) is True
+    assert await limiter.spend(ADDRESS) is Spent.LAST
     with pytest.raises(RateLimited) as refused:
         await limiter.check(ADDRESS)
     assert 1 <= refused.value.retry_after <= 3600
     # Spending more is not an error, and the budget stays spent; others keep theirs.
-    assert await limiter.spend(ADDRESS) is True
+    assert await limiter.spend(ADDRESS) is Spent.OVER
     with pytest.raises(RateLimited):
         await limiter.check(ADDRESS)
     await limiter.check(CUSTOMER)
@@ -318,12 +318,14 @@ def _from(address: str, token: str | None = None) -> dict[str, str]:
     return headers
 
 
-async def test_refused_credentials_lock_their_address_out_of_every_credential(
+async def test_refused_admin_tokens_lock_their_address_out_of_the_admin_token(
     guarded_api: httpx.AsyncClient, settings: Settings
 ) -> None:
     api = guarded_api
     admin = settings.admin_token.get_secret_value()
     guesser, neighbour = "198.51.100.7", "198.51.100.8"
+    services: Services = api._transport.app.state.services  # type: ignore[attr-defined]
+    order_token = services.auth.order_token(uuid.uuid4())
 
     guesses = [
         await api.get("/admin/events", headers=_from(guesser, f"guess-{i}")) for i in range(3)
@@ -336,32 +338,53 @@ async def test_refused_credentials_lock_their_address_out_of_every_credential(
         assert (locked.status_code, locked.json()["error"]) == (429, "rate_limited")
         assert 1 <= int(locked.headers["retry-after"]) <= 3600
         assert locked.json()["details"] == {"retry_after": int(locked.headers["retry-after"])}
-    # Guests of that address, and every credential of another address, go on as before.
+    # Guests and the credentials nobody can guess go on as before from that address, and the
+    # admin token from another.
     guest = await api.post("/carts", headers=_from(guesser))
     assert guest.status_code == 201, guest.text
     assert guest.json()["cart_token"].startswith("ct_")
+    as_order = await api.get("/admin/events", headers=_from(guesser, order_token))
+    assert as_order.status_code == 403
     assert (await api.get("/admin/events", headers=_from(neighbour, admin))).status_code == 200
-    # A credential of another kind that does not verify counts the same (a forged order token).
-    services: Services = api._transport.app.state.services  # type: ignore[attr-defined]
-    forged = services.auth.order_token(uuid.uuid4())[:-2] + "AA"
-    for _ in range(3):
-        answer = await api.get(f"/orders/{uuid.uuid4()}", headers=_from(neighbour, forged))
-        assert answer.status_code == 401
-    refused = await api.get("/admin/events", headers=_from(neighbour, admin))
-    assert refused.status_code == 429
 
 
-async def test_valid_credentials_and_forbidden_ones_spend_nothing(
+async def test_an_ipv6_client_is_counted_by_its_64(
+    guarded_api: httpx.AsyncClient, settings: Settings
+) -> None:
+    api = guarded_api
+    for i in range(3):
+        guess = await api.get("/admin/events", headers=_from(f"2001:db8:1:2::{i + 1}", "guess"))
+        assert guess.status_code == 401
+    # Another address of the same /64 is the same client; another /64 is not.
+    admin = settings.admin_token.get_secret_value()
+    same = await api.get("/admin/events", headers=_from("2001:db8:1:2:ffff::9", admin))
+    assert same.status_code == 429
+    other = await api.get("/admin/events", headers=_from("2001:db8:1:3::1", admin))
+    assert other.status_code == 200
+
+
+async def test_tokens_that_cannot_be_guessed_and_valid_ones_spend_nothing(
     guarded_api: httpx.AsyncClient, settings: Settings
 ) -> None:
     api = guarded_api
     admin = settings.admin_token.get_secret_value()
     services: Services = api._transport.app.state.services  # type: ignore[attr-defined]
     order_token = services.auth.order_token(uuid.uuid4())
+    forged = order_token[:-2] + ("AA" if not order_token.endswith("AA") else "BB")
+    client = "198.51.100.9"
     for _ in range(5):
+        assert (await api.get("/admin/events", headers=_from(client, admin))).status_code == 200
+        # A valid credential of the wrong kind is 403; a forged order token, a JWT that does
+        # not verify and a header that is not a bearer are 401: none is a guess at a secret.
         assert (
-            await api.get("/admin/events", headers=_from("198.51.100.9", admin))
-        ).status_code == 200
-        # A valid credential of the wrong kind is 403: it guessed nothing.
-        forbidden = await api.get("/admin/events", headers=_from("198.51.100.9", order_token))
-        assert forbidden.status_code == 403
+            await api.get("/admin/events", headers=_from(client, order_token))
+        ).status_code == 403
+        assert (
+            await api.get(f"/orders/{uuid.uuid4()}", headers=_from(client, forged))
+        ).status_code == 401
+        assert (await api.get("/admin/events", headers=_from(client, "a.b.c"))).status_code == 401
+        basic = await api.get(
+            "/admin/events", headers={"X-Forwarded-For": client, "Authorization": "Basic eA=="}
+        )
+        assert basic.status_code == 401
+    assert (await api.get("/admin/events", headers=_from(client, admin))).status_code == 200

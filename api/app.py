@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 
 from api.access import OrderAccess
 from api.auth import Authenticator
 from api.client_address import ClientAddressMiddleware
-from api.deps import Services
+from api.deps import Services, bearer
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, OutboxBacklog, RequestTelemetry
@@ -162,16 +164,48 @@ def create_app(
     app.add_middleware(ClientAddressMiddleware, trusted_proxies=settings.trusted_proxies)
     if tracing is not None:
         tracing.instrument_app(app)
-    app.include_router(health.router)
-    app.include_router(metrics_router)
-    app.include_router(inventory.router)
-    # Before checkout's routes: no pattern of theirs may take /checkout/quote.
-    app.include_router(quote.router)
-    app.include_router(checkout.router)
-    app.include_router(orders.router)
-    app.include_router(webhooks.router)
-    app.include_router(admin.router)
-    app.include_router(pricing.admin_router)
-    app.include_router(pricing.router)
-    app.include_router(carts.router)
+    routers = [
+        health.router,
+        metrics_router,
+        inventory.router,
+        # Before checkout's routes: no pattern of theirs may take /checkout/quote.
+        quote.router,
+        checkout.router,
+        orders.router,
+        webhooks.router,
+        admin.router,
+        pricing.admin_router,
+        pricing.router,
+        carts.router,
+    ]
+    for router in routers:
+        _document_admin_token_lockouts(router)
+        app.include_router(router)
     return app
+
+
+def _reads_bearer(dependant: Dependant) -> bool:
+    return dependant.call is bearer or any(_reads_bearer(d) for d in dependant.dependencies)
+
+
+def _document_admin_token_lockouts(router: APIRouter) -> None:
+    """Every route that reads the bearer credential may answer 429 `rate_limited` to an
+    admin token from an address locked out by RATE_LIMIT_AUTH_FAILURES (`api.deps.
+    authenticate`): said in the OpenAPI document where the route does not say it already."""
+    for route in router.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        if not _reads_bearer(route.dependant):
+            continue
+        if 429 in route.responses or "429" in route.responses:
+            continue
+        route.responses[429] = {
+            "description": "rate_limited: too many refused admin tokens from this address",
+            "headers": {
+                "Retry-After": {
+                    "description": "seconds until the address's admin tokens are read again",
+                    "schema": {"type": "integer"},
+                }
+            },
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        }

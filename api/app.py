@@ -89,6 +89,9 @@ def create_app(
         auth_failures = CheckoutLimiter(
             settings.rate_limit_auth_failures, settings.redis_url, key_prefix="auth-failures"
         )
+        cart_limiter = CheckoutLimiter(
+            settings.rate_limit_carts, settings.redis_url, key_prefix="carts"
+        )
         pricing_catalog = PricingCatalog(sessions)
         carts = CartStore(sessions, ttl_seconds=settings.cart_ttl)
         orders = OrderStore(sessions, StockLedger(sessions))
@@ -107,6 +110,7 @@ def create_app(
             auth=auth,
             limiter=limiter,
             auth_failures=auth_failures,
+            cart_limiter=cart_limiter,
             metrics=metrics,
             catalog=Catalog(sessions),
             orders=orders,
@@ -144,6 +148,7 @@ def create_app(
             await limiter.aclose()
             await quote_limiter.aclose()
             await auth_failures.aclose()
+            await cart_limiter.aclose()
             await auth.aclose()
             await gateway.aclose()
             await engine.dispose()

@@ -43,6 +43,8 @@ class Services:
     limiter: CheckoutLimiter
     # RATE_LIMIT_AUTH_FAILURES: refused credentials per client address (`authenticate`).
     auth_failures: CheckoutLimiter
+    # RATE_LIMIT_CARTS: POST /carts per client address.
+    cart_limiter: CheckoutLimiter
     metrics: ApiMetrics
     catalog: Catalog
     orders: OrderStore

@@ -176,6 +176,9 @@ class Settings(EventSettings):
     # address (the right one too) is answered 429 until its window has room, so that it cannot
     # be guessed at speed (order tokens and customer JWTs cannot be guessed: not counted).
     rate_limit_auth_failures: str = "20/minute"
+    # POST /carts per client address (a guest's cart is a row until CART_TTL): a budget of its
+    # own, so that carts never spend a client's checkouts or quotes.
+    rate_limit_carts: str = "60/minute"
     max_pending_checkouts: int = Field(default=3, ge=1)
     # Shared rate-limit counters between API processes; unset: per process.
     redis_url: str | None = None

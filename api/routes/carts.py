@@ -5,14 +5,16 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from api.cart_access import CartCallerDep, IfMatchDep, etag
 from api.cart_schemas import CartCreatedOut, CartIn, CartItemIn, CartMergeIn, CartOut
-from api.deps import CartsDep
+from api.client_address import rate_limit_identity
+from api.deps import CartsDep, ServicesDep, client_address
 from api.routes.admin import SkuPath
 from api.schemas import ErrorBody
 from core.carts import CartView
+from core.errors import RateLimited
 
 router = APIRouter(prefix="/carts", tags=["carts"])
 
@@ -45,12 +47,33 @@ def _answer(response: Response, view: CartView) -> CartOut:
             "model": ErrorBody,
             "description": "validation_error, unknown_sku, quantity_limit_exceeded",
         },
+        429: {
+            "model": ErrorBody,
+            "description": "rate_limited: RATE_LIMIT_CARTS from this address (or too many "
+            "refused admin tokens)",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        },
     },
 )
 async def create_cart(
-    caller: CartCallerDep, carts: CartsDep, response: Response, body: CartIn | None = None
+    request: Request,
+    services: ServicesDep,
+    caller: CartCallerDep,
+    carts: CartsDep,
+    response: Response,
+    body: CartIn | None = None,
 ) -> CartCreatedOut | CartOut:
     """A new cart (a guest's comes with its cart_token), or the customer's open one (200)."""
+    if not caller.admin:
+        # Every guest cart is a row until CART_TTL: an address may open so many a minute.
+        try:
+            await services.cart_limiter.hit(rate_limit_identity(client_address(request)))
+        except RateLimited as exc:
+            raise RateLimited(
+                f"too many carts from this address; retry in {exc.retry_after} s",
+                retry_after=exc.retry_after,
+                limit=exc.limit,
+            ) from None
     view, created = await carts.create(caller, body.lines() if body else {})
     response.headers["ETag"] = etag(view.version)
     if not created:

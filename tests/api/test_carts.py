@@ -689,3 +689,46 @@ async def test_nothing_merges_into_a_closed_cart(
     assert_error(response, 409, "invalid_state")
     guest_read = await api.get(f"/carts/{theirs['cart_id']}", headers=guest(theirs["cart_token"]))
     assert guest_read.json()["status"] == "open"
+
+
+async def test_an_address_opens_only_so_many_carts(
+    db: SessionFactory, app_settings: Settings, admin_headers: dict[str, str]
+) -> None:
+    """RATE_LIMIT_CARTS per client address (3/hour here: in memory the windows are aligned to
+    the clock), behind a trusted proxy so that a request says where it comes from."""
+    own = app_settings.model_copy(
+        update={
+            "customer_jwt_secret": SecretStr(JWT_SECRET),
+            "rate_limit_carts": "3/hour",
+            "trusted_proxies": ["127.0.0.1"],
+        }
+    )
+    carts_before = await _count_carts(db)
+    async with running_app(own) as api:
+        here = {"X-Forwarded-For": "198.51.100.20"}
+        made = [await api.post("/carts", headers=here) for _ in range(3)]
+        assert [r.status_code for r in made] == [201, 201, 201]
+        refused = await api.post("/carts", headers=here)
+        body = assert_error(refused, 429, "rate_limited")
+        assert 1 <= int(refused.headers["retry-after"]) <= 3600
+        assert body["details"] == {"retry_after": int(refused.headers["retry-after"])}
+        # A customer of that address is counted too (its address spent the budget).
+        as_customer = await api.post("/carts", headers={**here, **customer("carts-limit")})
+        assert as_customer.status_code == 429
+        # Nothing was made by the refused ones; another address, and admin, go on.
+        assert await _count_carts(db) == carts_before + 3
+        other = await api.post("/carts", headers={"X-Forwarded-For": "198.51.100.21"})
+        assert other.status_code == 201
+        admin = await api.post("/carts", headers={**here, **admin_headers})
+        assert admin.status_code == 201
+        # The carts made go on working: reading and changing them is not limited.
+        token = made[0].json()["cart_token"]
+        cart_id = made[0].json()["cart_id"]
+        for _ in range(5):
+            read = await api.get(f"/carts/{cart_id}", headers={**here, **guest(token)})
+            assert read.status_code == 200
+
+
+async def _count_carts(db: SessionFactory) -> int:
+    async with db() as session:
+        return int(await session.scalar(text("SELECT count(*) FROM carts")) or 0)

@@ -226,6 +226,7 @@ def stack_settings(settings: Settings, name: str, temporal_address: str, **more:
             # (the tests of the limits themselves set their own).
             "rate_limit_checkouts": "1000000/minute",
             "rate_limit_auth_failures": "1000000/minute",
+            "rate_limit_carts": "1000000/minute",
             "max_pending_checkouts": 1_000_000,
             # The contract's reconciler (checkouts whose run was lost) at a pace tests can wait
             # for.

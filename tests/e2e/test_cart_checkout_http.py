@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
+from api.ratelimit import CheckoutLimiter
 from tests.e2e.stack import Stack
 from tests.e2e.test_checkout_http import ADMIN, cancel, inventory, put_product
 from tests.e2e.test_reconciler_http import reconcile
@@ -169,3 +171,42 @@ async def test_the_reconciler_closes_lapsed_guest_carts_for_good(stack: Stack) -
         lapsed["cart_id"]: "expired",
         fresh["cart_id"]: "open",
     }
+
+
+@pytest.fixture
+async def few_carts(stack: Stack) -> AsyncIterator[Stack]:
+    """The shared stack with RATE_LIMIT_CARTS=2/hour for one test (per hour: in memory the
+    windows are aligned to the clock)."""
+    services = stack.services
+    loose = services.cart_limiter
+    services.cart_limiter = CheckoutLimiter("2/hour", None, key_prefix="carts")
+    yield stack
+    await services.cart_limiter.aclose()
+    services.cart_limiter = loose
+
+
+async def test_an_address_opens_only_so_many_carts_and_checks_them_out(few_carts: Stack) -> None:
+    stack = few_carts
+    await put_product(stack, "MUG", 10, price=1200)
+    carts = [await guest_cart(stack, MUG=1) for _ in range(2)]
+    async with stack.services.sessions() as session:
+        before = await session.scalar(text("SELECT count(*) FROM carts"))
+
+    refused = await stack.api.post("/carts", json={"items": [{"sku": "MUG", "quantity": 1}]})
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"] == "rate_limited"
+    assert 1 <= int(refused.headers["retry-after"]) <= 3600
+    async with stack.services.sessions() as session:
+        assert await session.scalar(text("SELECT count(*) FROM carts")) == before
+    # The carts it has keep working: changed, checked out and paid.
+    changed = await stack.api.put(
+        f"/carts/{carts[0]['cart_id']}/items/MUG", json={"quantity": 2}, headers=token(carts[0])
+    )
+    assert changed.status_code == 200, changed.text
+    response = await stack.api.post("/checkout", json=from_cart(carts[0]), headers=token(carts[0]))
+    assert response.status_code == 201, response.text
+    await stack.stripe.pay(response.json()["payment"]["payment_intent_id"])
+    await stack.wait_for_order(response.json()["order_id"], "paid")
+    assert (await read(stack, carts[0]))["status"] == "checked_out"
+    # Admin is not limited.
+    assert (await stack.api.post("/carts", headers=ADMIN)).status_code == 201

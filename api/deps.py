@@ -90,9 +90,11 @@ async def authenticate(request: Request, services: Services, authorization: str 
     if authorization is None or not services.auth.guessable(authorization):
         return await services.auth.authenticate(authorization)
     identity = rate_limit_identity(client_address(request))
+    refused = services.metrics.admin_tokens_refused
     try:
         await services.auth_failures.check(identity)
     except RateLimited as exc:
+        refused.labels("locked_out").inc()
         raise _locked_out(exc.retry_after) from None
     try:
         return await services.auth.authenticate(authorization)
@@ -102,7 +104,9 @@ async def authenticate(request: Request, services: Services, authorization: str 
             try:
                 await services.auth_failures.check(identity)
             except RateLimited as exc:
+                refused.labels("locked_out").inc()
                 raise _locked_out(exc.retry_after) from None
+        refused.labels("refused").inc()
         if spent is Spent.LAST:
             log.warning(
                 "refused admin tokens from %s reached RATE_LIMIT_AUTH_FAILURES (%s): its admin"

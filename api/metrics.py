@@ -13,6 +13,8 @@ is counted by the worker (`checkout_completed_total`), where the ending happens.
                                                     pending (MAX_PENDING_CHECKOUTS), credentials
                                                     (an admin token locked out by
                                                     RATE_LIMIT_AUTH_FAILURES)
+    checkout_admin_tokens_refused_total{outcome}    refused (401), locked_out (429: the address
+                                                    is past RATE_LIMIT_AUTH_FAILURES)
     checkout_webhook_events_total{type, outcome}    outcome: acted, duplicate, ignored, ...,
                                                     or the error code (invalid_signature, ...)
     http_request_duration_seconds{method, route, status}   route: the template, never the path
@@ -90,6 +92,13 @@ class ApiMetrics:
             "checkout_rate_limited",
             "Checkouts refused by a rate limit (address, customer) or the pending limit",
             ["limit"],
+            registry=registry,
+        )
+        self.admin_tokens_refused = Counter(
+            "checkout_admin_tokens_refused",
+            "Admin-token candidates refused (401: refused) or not read (429: locked_out) from "
+            "an address past RATE_LIMIT_AUTH_FAILURES",
+            ["outcome"],
             registry=registry,
         )
         self.webhook_events = Counter(

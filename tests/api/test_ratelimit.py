@@ -346,6 +346,10 @@ async def test_refused_admin_tokens_lock_their_address_out_of_the_admin_token(
     as_order = await api.get("/admin/events", headers=_from(guesser, order_token))
     assert as_order.status_code == 403
     assert (await api.get("/admin/events", headers=_from(neighbour, admin))).status_code == 200
+    # Operators see it (the AdminTokenGuessing alert).
+    exposition = (await api.get("/metrics")).text
+    assert 'checkout_admin_tokens_refused_total{outcome="refused"} 3.0' in exposition
+    assert 'checkout_admin_tokens_refused_total{outcome="locked_out"} 2.0' in exposition
 
 
 async def test_an_ipv6_client_is_counted_by_its_64(

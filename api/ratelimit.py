@@ -79,10 +79,21 @@ class CheckoutLimiter:
         )
         self._redis_down_until = 0.0
 
-    async def hit(self, *identities: str) -> None:
-        """Count one checkout against each identity; RateLimited if any is over its limit.
-        While Redis cannot be asked, counts in this process instead (and logs a warning)."""
-        await self._guarded(self._hit, identities)
+    async def hit(self, *identities: str, too_many: str | None = None) -> None:
+        """Count one checkout against each identity; RateLimited if any is over its limit
+        (`too_many`: what its message says there were too many of from the address, e.g.
+        "quotes"). While Redis cannot be asked, counts in this process instead (and logs a
+        warning)."""
+        try:
+            await self._guarded(self._hit, identities)
+        except RateLimited as exc:
+            if too_many is None:
+                raise
+            raise RateLimited(
+                f"too many {too_many} from this address; retry in {exc.retry_after} s",
+                retry_after=exc.retry_after,
+                limit=exc.limit,
+            ) from None
 
     async def check(self, *identities: str) -> None:
         """RateLimited if any identity has spent its budget; counts nothing (see `spend`)."""

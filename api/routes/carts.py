@@ -14,7 +14,6 @@ from api.deps import CartsDep, ServicesDep, client_address
 from api.routes.admin import SkuPath
 from api.schemas import ErrorBody
 from core.carts import CartView
-from core.errors import RateLimited
 
 router = APIRouter(prefix="/carts", tags=["carts"])
 
@@ -66,14 +65,8 @@ async def create_cart(
     """A new cart (a guest's comes with its cart_token), or the customer's open one (200)."""
     if not caller.admin:
         # Every guest cart is a row until CART_TTL: an address may open so many a minute.
-        try:
-            await services.cart_limiter.hit(rate_limit_identity(client_address(request)))
-        except RateLimited as exc:
-            raise RateLimited(
-                f"too many carts from this address; retry in {exc.retry_after} s",
-                retry_after=exc.retry_after,
-                limit=exc.limit,
-            ) from None
+        identity = rate_limit_identity(client_address(request))
+        await services.cart_limiter.hit(identity, too_many="carts")
     view, created = await carts.create(caller, body.lines() if body else {})
     response.headers["ETag"] = etag(view.version)
     if not created:

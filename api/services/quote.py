@@ -11,7 +11,6 @@ from api.schemas import CustomerIn, QuoteIn
 from api.services.lines import requested_lines
 from core.carts import CartCaller, CartStore
 from core.customers import customer_scope
-from core.errors import RateLimited
 from core.ledger import merge_lines
 from core.pricing import TermsRequest
 from core.pricing_catalog import PricingCatalog, Quote
@@ -44,14 +43,7 @@ class QuoteService:
     ) -> Quote:
         """Price the body's lines and terms as a checkout opened now would."""
         if caller.kind != CallerKind.ADMIN:
-            try:
-                await self._limiter.hit(rate_limit_identity(address))
-            except RateLimited as exc:
-                raise RateLimited(
-                    f"too many quotes from this address; retry in {exc.retry_after} s",
-                    retry_after=exc.retry_after,
-                    limit=exc.limit,
-                ) from None
+            await self._limiter.hit(rate_limit_identity(address), too_many="quotes")
         request = TermsRequest(
             country=body.address.country if body.address else None,
             shipping_method=body.shipping_method,

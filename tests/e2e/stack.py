@@ -31,6 +31,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.app import create_app
 from api.deps import Services
+from api.ratelimit import CheckoutLimiter
 from core.db import create_engine, create_session_factory
 from core.settings import Settings
 from core.stripe_gateway import create_gateway
@@ -212,6 +213,21 @@ class Stack:
                 assert order.get("status") == status, order
                 return order  # type: ignore[no-any-return]
             await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def swapped_limiter(owner: Any, name: str, rate: str) -> AsyncIterator[CheckoutLimiter]:
+    """`owner.<name>` (a running stack's limiter) replaced for the block by one of `rate` in
+    this process. Rates per hour where a test does not wait: in memory the windows are aligned
+    to the clock, and hits either side of an edge count as fewer."""
+    loose = getattr(owner, name)
+    tight = CheckoutLimiter(rate, None)
+    setattr(owner, name, tight)
+    try:
+        yield tight
+    finally:
+        setattr(owner, name, loose)
+        await tight.aclose()
 
 
 def stack_settings(settings: Settings, name: str, temporal_address: str, **more: Any) -> Settings:

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from api.ratelimit import CheckoutLimiter
-from tests.e2e.stack import Stack
+from tests.e2e.stack import Stack, swapped_limiter
 from tests.e2e.test_checkout_http import ADMIN, cancel, inventory, put_product
 from tests.e2e.test_reconciler_http import reconcile
 
@@ -175,14 +174,9 @@ async def test_the_reconciler_closes_lapsed_guest_carts_for_good(stack: Stack) -
 
 @pytest.fixture
 async def few_carts(stack: Stack) -> AsyncIterator[Stack]:
-    """The shared stack with RATE_LIMIT_CARTS=2/hour for one test (per hour: in memory the
-    windows are aligned to the clock)."""
-    services = stack.services
-    loose = services.cart_limiter
-    services.cart_limiter = CheckoutLimiter("2/hour", None, key_prefix="carts")
-    yield stack
-    await services.cart_limiter.aclose()
-    services.cart_limiter = loose
+    """The shared stack with RATE_LIMIT_CARTS=2/hour for one test."""
+    async with swapped_limiter(stack.services, "cart_limiter", "2/hour"):
+        yield stack
 
 
 async def test_an_address_opens_only_so_many_carts_and_checks_them_out(few_carts: Stack) -> None:

@@ -41,7 +41,7 @@ class Services:
     temporal: Client
     auth: Authenticator
     limiter: CheckoutLimiter
-    # RATE_LIMIT_AUTH_FAILURES: refused credentials per client address (`authenticate`).
+    # RATE_LIMIT_AUTH_FAILURES: refused admin tokens per client address (`authenticate`).
     auth_failures: CheckoutLimiter
     # RATE_LIMIT_CARTS: POST /carts per client address.
     cart_limiter: CheckoutLimiter

@@ -91,21 +91,23 @@ async def authenticate(request: Request, services: Services, authorization: str 
         return await services.auth.authenticate(authorization)
     identity = rate_limit_identity(client_address(request))
     refused = services.metrics.admin_tokens_refused
-    try:
-        await services.auth_failures.check(identity)
-    except RateLimited as exc:
-        refused.labels("locked_out").inc()
-        raise _locked_out(exc.retry_after) from None
+
+    async def refuse_if_locked_out() -> None:
+        try:
+            await services.auth_failures.check(
+                identity, too_many="refused tokens", limit="credentials"
+            )
+        except RateLimited:
+            refused.labels("locked_out").inc()
+            raise
+
+    await refuse_if_locked_out()
     try:
         return await services.auth.authenticate(authorization)
     except Unauthorized:
         spent = await services.auth_failures.spend(identity)
         if spent is Spent.OVER:  # used up meanwhile, by a concurrent guess
-            try:
-                await services.auth_failures.check(identity)
-            except RateLimited as exc:
-                refused.labels("locked_out").inc()
-                raise _locked_out(exc.retry_after) from None
+            await refuse_if_locked_out()
         refused.labels("refused").inc()
         if spent is Spent.LAST:
             log.warning(
@@ -115,14 +117,6 @@ async def authenticate(request: Request, services: Services, authorization: str 
                 services.settings.rate_limit_auth_failures,
             )
         raise
-
-
-def _locked_out(retry_after: int) -> RateLimited:
-    return RateLimited(
-        f"too many refused tokens from this address; retry in {retry_after} s",
-        retry_after=retry_after,
-        limit="credentials",
-    )
 
 
 async def _caller(

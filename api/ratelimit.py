@@ -46,6 +46,18 @@ _HIT_TIMEOUT = 0.5
 _REDIS_RETRY_INTERVAL = 5.0
 
 
+def _reworded(exc: RateLimited, too_many: str | None, limit: str | None = None) -> RateLimited:
+    """A refusal as a caller words it: "too many <too_many> from this address"."""
+    if too_many is None and limit is None:
+        return exc
+    message = (
+        f"too many {too_many} from this address; retry in {exc.retry_after} s"
+        if too_many is not None
+        else exc.message
+    )
+    return RateLimited(message, retry_after=exc.retry_after, limit=limit or exc.limit)
+
+
 class CheckoutLimiter:
     def __init__(self, rate: str, redis_url: str | None, *, key_prefix: str = "checkout") -> None:
         """`rate` in the `limits` notation ("30/minute", "10/second;30/minute"): ValueError
@@ -87,17 +99,18 @@ class CheckoutLimiter:
         try:
             await self._guarded(self._hit, identities)
         except RateLimited as exc:
-            if too_many is None:
-                raise
-            raise RateLimited(
-                f"too many {too_many} from this address; retry in {exc.retry_after} s",
-                retry_after=exc.retry_after,
-                limit=exc.limit,
-            ) from None
+            raise _reworded(exc, too_many) from None
 
-    async def check(self, *identities: str) -> None:
-        """RateLimited if any identity has spent its budget; counts nothing (see `spend`)."""
-        await self._guarded(self._check, identities)
+    async def check(
+        self, *identities: str, too_many: str | None = None, limit: str | None = None
+    ) -> None:
+        """RateLimited if any identity has spent its budget; counts nothing (see `spend`).
+        `too_many` as for `hit`; `limit` names the budget for the metrics instead of the
+        identity's kind."""
+        try:
+            await self._guarded(self._check, identities)
+        except RateLimited as exc:
+            raise _reworded(exc, too_many, limit) from None
 
     async def spend(self, *identities: str) -> Spent:
         """Count one against each identity, never refusing: `Spent.COUNTED`, `Spent.LAST` (this

@@ -16,7 +16,6 @@ from api.deps import Services, bearer
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, OutboxBacklog, RequestTelemetry
-from api.metrics import router as metrics_router
 from api.ratelimit import CheckoutLimiter
 from api.routes import (
     admin,
@@ -26,6 +25,7 @@ from api.routes import (
     inventory,
     orders,
     pricing,
+    prometheus,
     quote,
     webhooks,
 )
@@ -171,7 +171,7 @@ def create_app(
         tracing.instrument_app(app)
     routers = [
         health.router,
-        metrics_router,
+        prometheus.router,
         inventory.router,
         # Before checkout's routes: no pattern of theirs may take /checkout/quote.
         quote.router,

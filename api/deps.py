@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -32,6 +33,8 @@ from core.stripe_gateway import StripeGateway
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 
 @dataclass
 class Services:
@@ -41,7 +44,8 @@ class Services:
     temporal: Client
     auth: Authenticator
     limiter: CheckoutLimiter
-    # RATE_LIMIT_AUTH_FAILURES: refused admin tokens per client address (`authenticate`).
+    # RATE_LIMIT_AUTH_FAILURES: refused admin and metrics tokens per client address
+    # (`guarded_guess`).
     auth_failures: CheckoutLimiter
     # RATE_LIMIT_CARTS: POST /carts per client address.
     cart_limiter: CheckoutLimiter
@@ -78,17 +82,30 @@ bearer = HTTPBearer(
 
 async def authenticate(request: Request, services: Services, authorization: str | None) -> Caller:
     """The caller behind `authorization` (the request's `Authorization` header, as the route
-    read it). Every route's credential passes here.
-
-    Guessing the admin token is throttled: a client address (an IPv6 /64) whose admin-token
-    candidates (`Authenticator.guessable`) were refused RATE_LIMIT_AUTH_FAILURES times gets 429
-    `rate_limited` for any such token, the right one too, until its window has room, so that
-    an answer never tells a guess was right. Guests, order tokens and customer JWTs (which
-    cannot be guessed) are never held back by it. A burst's concurrent guesses are all judged
-    before any of them is counted: a window admits at most its budget plus the guesses then
-    in flight."""
+    read it). Every route's credential passes here; an admin-token candidate
+    (`Authenticator.guessable`) through `guarded_guess`. Guests, order tokens and customer
+    JWTs (which cannot be guessed) are never held back."""
     if authorization is None or not services.auth.guessable(authorization):
         return await services.auth.authenticate(authorization)
+    return await guarded_guess(
+        request, services, "admin", lambda: services.auth.authenticate(authorization)
+    )
+
+
+async def guarded_guess(
+    request: Request,
+    services: Services,
+    token: str,
+    attempt: Callable[[], Awaitable[_T]],
+) -> _T:
+    """`attempt` (a check of a secret token that raises Unauthorized when it is wrong), with
+    guessing throttled: a client address (an IPv6 /64) whose candidates for the service's
+    secret tokens (the admin token, METRICS_TOKEN: one budget for both) were refused
+    RATE_LIMIT_AUTH_FAILURES times gets 429 `rate_limited` for any of them, the right one
+    too, until its window has room, so that an answer never tells a guess was right.
+    `token` labels `checkout_admin_tokens_refused_total`. A burst's concurrent guesses are all
+    judged before any of them is counted: a window admits at most its budget plus the guesses
+    then in flight."""
     identity = rate_limit_identity(client_address(request))
     refused = services.metrics.admin_tokens_refused
 
@@ -98,21 +115,21 @@ async def authenticate(request: Request, services: Services, authorization: str 
                 identity, too_many="refused tokens", limit="credentials"
             )
         except RateLimited:
-            refused.labels("locked_out").inc()
+            refused.labels(token, "locked_out").inc()
             raise
 
     await refuse_if_locked_out()
     try:
-        return await services.auth.authenticate(authorization)
+        return await attempt()
     except Unauthorized:
         spent = await services.auth_failures.spend(identity)
         if spent is Spent.OVER:  # used up meanwhile, by a concurrent guess
             await refuse_if_locked_out()
-        refused.labels("refused").inc()
+        refused.labels(token, "refused").inc()
         if spent is Spent.LAST:
             log.warning(
-                "refused admin tokens from %s reached RATE_LIMIT_AUTH_FAILURES (%s): its admin"
-                " tokens are answered 429 until its window has room",
+                "refused secret tokens from %s reached RATE_LIMIT_AUTH_FAILURES (%s): its admin"
+                " and metrics tokens are answered 429 until its window has room",
                 identity,
                 services.settings.rate_limit_auth_failures,
             )

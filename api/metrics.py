@@ -13,7 +13,8 @@ is counted by the worker (`checkout_completed_total`), where the ending happens.
                                                     pending (MAX_PENDING_CHECKOUTS), credentials
                                                     (an admin token locked out by
                                                     RATE_LIMIT_AUTH_FAILURES)
-    checkout_admin_tokens_refused_total{outcome}    refused (401), locked_out (429: the address
+    checkout_admin_tokens_refused_total{token, outcome}   token: admin, metrics (METRICS_TOKEN);
+                                                    refused (401), locked_out (429: the address
                                                     is past RATE_LIMIT_AUTH_FAILURES)
     checkout_webhook_events_total{type, outcome}    outcome: acted, duplicate, ignored, ...,
                                                     or the error code (invalid_signature, ...)
@@ -24,7 +25,6 @@ is counted by the worker (`checkout_completed_total`), where the ending happens.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import time
@@ -32,7 +32,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Request, Response
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -40,11 +39,10 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import logs
-from core.errors import Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +94,9 @@ class ApiMetrics:
         )
         self.admin_tokens_refused = Counter(
             "checkout_admin_tokens_refused",
-            "Admin-token candidates refused (401: refused) or not read (429: locked_out) from "
-            "an address past RATE_LIMIT_AUTH_FAILURES",
-            ["outcome"],
+            "Candidates for a secret token (token: admin, metrics) refused (401: refused) or not"
+            " read (429: locked_out) from an address past RATE_LIMIT_AUTH_FAILURES",
+            ["token", "outcome"],
             registry=registry,
         )
         self.webhook_events = Counter(
@@ -204,20 +202,3 @@ def _request_id(scope: Scope) -> str:
                 return given
             break
     return uuid.uuid4().hex
-
-
-router = APIRouter()
-
-
-@router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request) -> Response:
-    """Prometheus metrics; with METRICS_TOKEN set, for `Authorization: Bearer <it>` only."""
-    services = request.app.state.services
-    token = services.settings.metrics_token
-    if token is not None and token.get_secret_value():
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {token.get_secret_value()}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise Unauthorized("metrics need the METRICS_TOKEN")
-    body = await services.metrics.exposition()
-    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -85,6 +85,10 @@ class Level:
     confirmed_at: dict[str, float] = field(default_factory=dict)  # order id -> wall clock
     started: float = 0.0
     errors: int = 0
+    load_cpu: float = 0.0  # CPU seconds of this process (the load generator) over the level
+
+
+_SELF = psutil.Process()
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -265,6 +269,7 @@ async def _run_level(
 
         level = Level(concurrency)
         before = cpu.sample()
+        level.load_cpu = sum(_SELF.cpu_times()[:2])
         level.started = time.time()
         await asyncio.gather(
             *(
@@ -274,6 +279,7 @@ async def _run_level(
         )
         paid = await _wait_paid(db_url, list(level.confirmed_at), 120)
         after = cpu.sample()
+        level.load_cpu = sum(_SELF.cpu_times()[:2]) - level.load_cpu
     lags = await _publish_lag(db_url, list(paid), 60) if events else []
     done_draining.set()
     if draining is not None:
@@ -359,6 +365,7 @@ def _floor_line(result: bench_floor.FloorResult) -> str:
     return (
         f"{result.concurrency:>4} {result.per_second:>7.1f} | {result.start_p50_ms:23.1f} | "
         f"{sum(result.cpu_ms.values()) / 1000:.4f}  ({split})"
+        f"  load generator={result.load_ms:.1f}ms"
     )
 
 
@@ -449,6 +456,7 @@ def _level(
         f"{_pct(ms, 50):6.1f} {_pct(ms, 95):6.1f} {_pct(ms, 99):6.1f} | "
         f"{_pct(paid_ms, 50):6.1f} {_pct(paid_ms, 95):6.1f} {_pct(paid_ms, 99):6.1f} | "
         f"{total_cpu / max(done, 1):.4f}  ({split})"
+        + f"  load generator={level.load_cpu / max(done, 1) * 1000:.1f}ms"
         + (f"  errors={level.errors}" if level.errors else ""),
         flush=True,
     )

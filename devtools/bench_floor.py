@@ -79,6 +79,7 @@ class FloorResult:
     per_second: float
     start_p50_ms: float
     cpu_ms: dict[str, float]  # per completed skeleton, by process
+    load_ms: float  # per completed skeleton, of the process driving them (the load generator)
 
 
 async def _one(client: Client, latencies: list[float]) -> None:
@@ -116,6 +117,8 @@ async def measure(
     latencies: list[float] = []
     counts = [[0] for _ in range(concurrency)]
     before = {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
+    load = psutil.Process()
+    load_before = sum(load.cpu_times()[:2])
     began = time.monotonic()
     await asyncio.gather(*(loop(began + seconds, latencies, counts[i]) for i in range(concurrency)))
     elapsed = time.monotonic() - began
@@ -123,7 +126,8 @@ async def measure(
     cpu = {
         name: (sum(p.cpu_times()[:2]) - before[name]) / done * 1000 for name, p in processes.items()
     }
-    return FloorResult(concurrency, done / elapsed, statistics.median(latencies), cpu)
+    load_ms = (sum(load.cpu_times()[:2]) - load_before) / done * 1000
+    return FloorResult(concurrency, done / elapsed, statistics.median(latencies), cpu, load_ms)
 
 
 async def serve(address: str) -> None:

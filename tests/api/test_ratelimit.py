@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from starlette.types import Message, Receive, Scope, Send
 
 from api.client_address import ClientAddressMiddleware, TrustedProxies, client_address
@@ -348,8 +349,66 @@ async def test_refused_admin_tokens_lock_their_address_out_of_the_admin_token(
     assert (await api.get("/admin/events", headers=_from(neighbour, admin))).status_code == 200
     # Operators see it (the AdminTokenGuessing alert).
     exposition = (await api.get("/metrics")).text
-    assert 'checkout_admin_tokens_refused_total{outcome="refused"} 3.0' in exposition
-    assert 'checkout_admin_tokens_refused_total{outcome="locked_out"} 2.0' in exposition
+    assert 'checkout_admin_tokens_refused_total{outcome="refused",token="admin"} 3.0' in exposition
+    assert (
+        'checkout_admin_tokens_refused_total{outcome="locked_out",token="admin"} 2.0' in exposition
+    )
+
+
+@pytest.fixture
+async def guarded_metrics(
+    db: SessionFactory, app_settings: Settings
+) -> AsyncIterator[httpx.AsyncClient]:
+    """As `guarded_api`, with METRICS_TOKEN set."""
+    own = app_settings.model_copy(
+        update={
+            "rate_limit_auth_failures": "3/hour",
+            "trusted_proxies": ["127.0.0.1"],
+            "metrics_token": SecretStr(METRICS_TOKEN),
+        }
+    )
+    async with running_app(own) as client:
+        yield client
+
+
+METRICS_TOKEN = "metrics-token-0123456789"
+
+
+async def test_refused_metrics_tokens_lock_their_address_out_of_every_secret_token(
+    guarded_metrics: httpx.AsyncClient, settings: Settings
+) -> None:
+    api = guarded_metrics
+    admin = settings.admin_token.get_secret_value()
+    guesser, scraper = "198.51.100.20", "198.51.100.21"
+    # A scrape without credentials is refused and is no guess: it spends nothing.
+    for _ in range(5):
+        assert (await api.get("/metrics", headers=_from(guesser))).status_code == 401
+    guesses = [await api.get("/metrics", headers=_from(guesser, f"guess-{i}")) for i in range(2)]
+    assert [r.status_code for r in guesses] == [401, 401]
+    # One budget for both secret tokens: a refused admin token spends the last of it.
+    assert (await api.get("/admin/events", headers=_from(guesser, "guess-2"))).status_code == 401
+    for path, token in (("/metrics", METRICS_TOKEN), ("/admin/events", admin)):
+        locked = await api.get(path, headers=_from(guesser, token))
+        assert (locked.status_code, locked.json()["error"]) == (429, "rate_limited"), path
+        assert 1 <= int(locked.headers["retry-after"]) <= 3600
+    # Another address scrapes as before, and sees what was refused, by token.
+    scraped = await api.get("/metrics", headers=_from(scraper, METRICS_TOKEN))
+    assert scraped.status_code == 200
+    text = scraped.text
+    assert 'checkout_admin_tokens_refused_total{outcome="refused",token="metrics"} 2.0' in text
+    assert 'checkout_admin_tokens_refused_total{outcome="refused",token="admin"} 1.0' in text
+    assert 'checkout_admin_tokens_refused_total{outcome="locked_out",token="metrics"} 1.0' in text
+    assert 'checkout_admin_tokens_refused_total{outcome="locked_out",token="admin"} 1.0' in text
+
+
+async def test_the_right_metrics_token_spends_nothing(guarded_metrics: httpx.AsyncClient) -> None:
+    api = guarded_metrics
+    client = "198.51.100.22"
+    for _ in range(5):
+        ok = await api.get("/metrics", headers=_from(client, METRICS_TOKEN))
+        assert ok.status_code == 200
+    assert (await api.get("/metrics", headers=_from(client, "guess"))).status_code == 401
+    assert (await api.get("/metrics", headers=_from(client, METRICS_TOKEN))).status_code == 200
 
 
 async def test_an_ipv6_client_is_counted_by_its_64(

@@ -20,6 +20,7 @@ from activities.refunds import RefundActivities
 from core.carts import CartStore
 from core.checkout_keys import CheckoutKeyStore
 from core.db import SessionFactory, create_engine, create_session_factory
+from core.heap import settle_startup_heap
 from core.ledger import StockLedger
 from core.logs import configure_logging
 from core.metrics import ActivityTelemetry, WorkerMetrics
@@ -147,6 +148,7 @@ async def main() -> None:
     if relay is None:
         log.info("RABBITMQ_URL is not set: order events are kept, served by GET /admin/events")
 
+    settle_startup_heap()
     async with worker:
         log.info(
             "worker polling task queue %r; metrics on %s",

@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from yarl import URL
 
 from core.events import EventBody
+from core.heap import settle_startup_heap
 from core.logs import configure_logging
 from core.settings import EventSettings, load_event_settings
 
@@ -417,6 +418,7 @@ def main() -> None:
     if settings.rabbitmq_url is None:
         print("RABBITMQ_URL is not set: there is nothing to publish to", file=sys.stderr)
         raise SystemExit(2)
+    settle_startup_heap()
     asyncio.run(_main(settings))
 
 

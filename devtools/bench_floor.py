@@ -32,6 +32,8 @@ from temporalio.common import (
 )
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
+from core.heap import settle_startup_heap
+
 TASK_QUEUE = "bench-floor"
 STATUS = SearchAttributeKey.for_keyword("CheckoutStatus")
 
@@ -147,6 +149,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="the skeleton's worker")
     parser.add_argument("--worker", required=True, metavar="TEMPORAL_ADDRESS")
     args = parser.parse_args()
+    # As the service's worker settles its heap before serving (core/heap.py).
+    settle_startup_heap()
     try:
         import uvloop
     except ImportError:  # it has no Windows build

@@ -6,7 +6,6 @@ import uvicorn
 from temporalio.runtime import Runtime
 
 from api.app import create_app
-from core.heap import settle_startup_heap
 from core.logs import configure_logging
 from core.settings import load_settings
 from core.temporal import create_runtime
@@ -21,10 +20,8 @@ def main() -> None:
     Runtime.set_default(create_runtime())
     tracing = Tracing.from_environment("checkout-api")
     tracing.instrument_clients()
-    app = create_app(settings, tracing=tracing)
-    settle_startup_heap()
     uvicorn.run(
-        app,
+        create_app(settings, tracing=tracing, settle_heap=True),
         host=settings.api_host,
         port=settings.api_port,
         # Logging is configured above (core/logs.py): uvicorn's loggers write through it.

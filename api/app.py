@@ -38,6 +38,7 @@ from core.catalog import Catalog
 from core.checkout_keys import CheckoutKeyStore
 from core.db import create_engine, create_session_factory
 from core.event_feed import EventFeed
+from core.heap import settle_startup_heap
 from core.ledger import StockLedger
 from core.orders import OrderStore
 from core.pricing_catalog import PricingCatalog
@@ -64,9 +65,12 @@ def create_app(
     *,
     tracing: Tracing | None = None,
     metrics: ApiMetrics | None = None,
+    settle_heap: bool = False,
 ) -> FastAPI:
     """The app. `tracing` traces its requests and its Temporal calls (`python -m api` passes the
-    process's; without it nothing is traced); `metrics` defaults to a registry of its own."""
+    process's; without it nothing is traced); `metrics` defaults to a registry of its own.
+    `settle_heap`: once started, settle the process's heap (`core.heap`; `python -m api` asks
+    for it, a test process does not)."""
     settings = settings or load_settings()
     metrics = metrics or ApiMetrics()
 
@@ -89,6 +93,11 @@ def create_app(
         auth_failures = CheckoutLimiter(
             settings.rate_limit_auth_failures, settings.redis_url, key_prefix="auth-failures"
         )
+        metrics_token_failures = CheckoutLimiter(
+            settings.rate_limit_auth_failures,
+            settings.redis_url,
+            key_prefix="metrics-token-failures",
+        )
         cart_limiter = CheckoutLimiter(
             settings.rate_limit_carts, settings.redis_url, key_prefix="carts"
         )
@@ -110,6 +119,7 @@ def create_app(
             auth=auth,
             limiter=limiter,
             auth_failures=auth_failures,
+            metrics_token_failures=metrics_token_failures,
             cart_limiter=cart_limiter,
             metrics=metrics,
             catalog=Catalog(sessions),
@@ -142,12 +152,15 @@ def create_app(
             quotes=QuoteService(pricing_catalog, quote_limiter, carts),
             carts=carts,
         )
+        if settle_heap:
+            settle_startup_heap()
         try:
             yield
         finally:
             await limiter.aclose()
             await quote_limiter.aclose()
             await auth_failures.aclose()
+            await metrics_token_failures.aclose()
             await cart_limiter.aclose()
             await auth.aclose()
             await gateway.aclose()

@@ -104,6 +104,14 @@ GUEST = Caller(CallerKind.GUEST)
 ADMIN = Caller(CallerKind.ADMIN)
 
 
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value (the scheme in any case,
+    spaces around either ignored); None if the value is not that."""
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def _refused(kind: str, reason: str) -> Unauthorized:
     log.info("refused %s credential: %s", kind, reason)
     return Unauthorized(reason)
@@ -145,9 +153,8 @@ class Authenticator:
         """The caller behind an `Authorization` header value (None: no header, a guest)."""
         if authorization is None:
             return GUEST
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(authorization)
+        if token is None:
             raise _refused("bearer", "expected 'Authorization: Bearer <token>'")
         if hmac.compare_digest(token.encode(), self._admin_token):
             return ADMIN
@@ -163,13 +170,9 @@ class Authenticator:
         token that is neither an order token nor a JWT, i.e. the admin token (an operator's
         choice). An order token is 256 bits of HMAC and a JWT carries a signature: neither can
         be guessed, and a refused one (an expired JWT, say) is no attack."""
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
+        token = bearer_token(authorization)
         return (
-            scheme.lower() == "bearer"
-            and bool(token)
-            and not token.startswith(ORDER_TOKEN_PREFIX)
-            and token.count(".") != 2
+            token is not None and not token.startswith(ORDER_TOKEN_PREFIX) and token.count(".") != 2
         )
 
     def order_token(self, order_id: uuid.UUID) -> str:

@@ -44,9 +44,10 @@ class Services:
     temporal: Client
     auth: Authenticator
     limiter: CheckoutLimiter
-    # RATE_LIMIT_AUTH_FAILURES: refused admin and metrics tokens per client address
-    # (`guarded_guess`).
+    # RATE_LIMIT_AUTH_FAILURES: refused admin tokens per client address (`guarded_guess`).
     auth_failures: CheckoutLimiter
+    # RATE_LIMIT_AUTH_FAILURES again, a budget of its own: refused METRICS_TOKENs.
+    metrics_token_failures: CheckoutLimiter
     # RATE_LIMIT_CARTS: POST /carts per client address.
     cart_limiter: CheckoutLimiter
     metrics: ApiMetrics
@@ -88,32 +89,36 @@ async def authenticate(request: Request, services: Services, authorization: str 
     if authorization is None or not services.auth.guessable(authorization):
         return await services.auth.authenticate(authorization)
     return await guarded_guess(
-        request, services, "admin", lambda: services.auth.authenticate(authorization)
+        request,
+        services,
+        services.auth_failures,
+        "admin",
+        lambda: services.auth.authenticate(authorization),
     )
 
 
 async def guarded_guess(
     request: Request,
     services: Services,
+    failures: CheckoutLimiter,
     token: str,
     attempt: Callable[[], Awaitable[_T]],
 ) -> _T:
     """`attempt` (a check of a secret token that raises Unauthorized when it is wrong), with
-    guessing throttled: a client address (an IPv6 /64) whose candidates for the service's
-    secret tokens (the admin token, METRICS_TOKEN: one budget for both) were refused
-    RATE_LIMIT_AUTH_FAILURES times gets 429 `rate_limited` for any of them, the right one
-    too, until its window has room, so that an answer never tells a guess was right.
-    `token` labels `checkout_admin_tokens_refused_total`. A burst's concurrent guesses are all
-    judged before any of them is counted: a window admits at most its budget plus the guesses
-    then in flight."""
+    guessing throttled: a client address (an IPv6 /64) whose candidates for the token were
+    refused as often as `failures` allows (RATE_LIMIT_AUTH_FAILURES) gets 429 `rate_limited`
+    for any candidate, the right one too, until its window has room, so that an answer never
+    tells a guess was right. Each secret token has a budget of its own (guessing one never
+    locks an address out of the other). `token` names it in the log and labels
+    `checkout_admin_tokens_refused_total`. A burst's concurrent guesses are all judged before
+    any of them is counted: a window admits at most its budget plus the guesses then in
+    flight."""
     identity = rate_limit_identity(client_address(request))
     refused = services.metrics.admin_tokens_refused
 
     async def refuse_if_locked_out() -> None:
         try:
-            await services.auth_failures.check(
-                identity, too_many="refused tokens", limit="credentials"
-            )
+            await failures.check(identity, too_many="refused tokens", limit="credentials")
         except RateLimited:
             refused.labels(token, "locked_out").inc()
             raise
@@ -122,16 +127,20 @@ async def guarded_guess(
     try:
         return await attempt()
     except Unauthorized:
-        spent = await services.auth_failures.spend(identity)
+        spent = await failures.spend(identity)
         if spent is Spent.OVER:  # used up meanwhile, by a concurrent guess
             await refuse_if_locked_out()
         refused.labels(token, "refused").inc()
+        # At most the budget's worth of lines per address and window: past it, nothing is read.
+        log.info("refused %s token from %s", token, identity)
         if spent is Spent.LAST:
             log.warning(
-                "refused secret tokens from %s reached RATE_LIMIT_AUTH_FAILURES (%s): its admin"
-                " and metrics tokens are answered 429 until its window has room",
+                "refused %s tokens from %s reached RATE_LIMIT_AUTH_FAILURES (%s): its %s tokens"
+                " are answered 429 until its window has room",
+                token,
                 identity,
                 services.settings.rate_limit_auth_failures,
+                token,
             )
         raise
 

@@ -1,6 +1,6 @@
 """`CheckoutLimiter`: a rate per identity (a client address, a customer): RATE_LIMIT_CHECKOUTS
 for checkouts, and, each a budget of its own, RATE_LIMIT_QUOTES for quotes and
-RATE_LIMIT_AUTH_FAILURES for refused admin tokens.
+RATE_LIMIT_AUTH_FAILURES for refused admin tokens and, apart, refused METRICS_TOKENs.
 
 Counters live in this process, or in Redis when REDIS_URL is set so that every API process
 spends one shared budget. The strategy is `limits`' sliding window counter: two counters per

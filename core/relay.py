@@ -399,6 +399,7 @@ async def _main(settings: EventSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, relay.stop)
+    settle_startup_heap()
     try:
         await relay.run()
     finally:
@@ -418,7 +419,6 @@ def main() -> None:
     if settings.rabbitmq_url is None:
         print("RABBITMQ_URL is not set: there is nothing to publish to", file=sys.stderr)
         raise SystemExit(2)
-    settle_startup_heap()
     asyncio.run(_main(settings))
 
 

@@ -172,10 +172,10 @@ class Settings(EventSettings):
     rate_limit_checkouts: str = "30/minute"
     # POST /checkout/quote per client address: a page view may quote, so a wider budget.
     rate_limit_quotes: str = "120/minute"
-    # Refused admin-token candidates and METRICS_TOKENs per client address (one budget): past
-    # it, every such token of that address (the right one too) is answered 429 until its
-    # window has room, so that neither can be guessed at speed (order tokens and customer JWTs
-    # cannot be guessed: not counted).
+    # Refused admin-token candidates per client address: past it, every admin token of that
+    # address (the right one too) is answered 429 until its window has room, so that it cannot
+    # be guessed at speed (order tokens and customer JWTs cannot be guessed: not counted). The
+    # same rate, a budget of its own, for METRICS_TOKEN on /metrics.
     rate_limit_auth_failures: str = "20/minute"
     # POST /carts per client address (a guest's cart is a row until CART_TTL): a budget of its
     # own, so that carts never spend a client's checkouts or quotes.

@@ -142,6 +142,8 @@ async def serve(address: str) -> None:
         # As the service's worker runs by default.
         workflow_runner=UnsandboxedWorkflowRunner(),
     )
+    # As the service's worker settles its heap once built (core/heap.py).
+    settle_startup_heap()
     await worker.run()
 
 
@@ -149,8 +151,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="the skeleton's worker")
     parser.add_argument("--worker", required=True, metavar="TEMPORAL_ADDRESS")
     args = parser.parse_args()
-    # As the service's worker settles its heap before serving (core/heap.py).
-    settle_startup_heap()
     try:
         import uvloop
     except ImportError:  # it has no Windows build

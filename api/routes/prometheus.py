@@ -7,6 +7,7 @@ import hmac
 from fastapi import APIRouter, Request, Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from api.auth import bearer_token
 from api.deps import ServicesDep, guarded_guess
 from core.errors import Unauthorized
 
@@ -16,20 +17,23 @@ router = APIRouter()
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request, services: ServicesDep) -> Response:
     """Public, like `/healthz`, unless METRICS_TOKEN is set: then for `Authorization: Bearer
-    <it>` only, and a wrong token counts as a guess (`guarded_guess`: one budget with the
-    admin token's, per client address)."""
-    token = services.settings.metrics_token
-    if token is not None and token.get_secret_value():
-        given = request.headers.get("authorization")
-        expected = f"Bearer {token.get_secret_value()}"
+    <it>` only. A wrong bearer token counts as a guess (`guarded_guess`, with a budget of its
+    own per client address); a request without a bearer token is refused and spends nothing."""
+    secret = services.settings.metrics_token
+    if secret is not None and secret.get_secret_value():
+        header = request.headers.get("authorization")
+        token = bearer_token(header) if header is not None else None
+        expected = secret.get_secret_value().encode()
 
         async def check() -> None:
-            if not hmac.compare_digest((given or "").encode(), expected.encode()):
+            if token is None or not hmac.compare_digest(token.encode(), expected):
                 raise Unauthorized("metrics need the METRICS_TOKEN")
 
-        if given is None:  # a scraper without credentials, not a guess
+        if token is None:  # a scraper without credentials: nothing was guessed
             await check()
         else:
-            await guarded_guess(request, services, "metrics", check)
+            await guarded_guess(
+                request, services, services.metrics_token_failures, "metrics", check
+            )
     body = await services.metrics.exposition()
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -374,40 +374,66 @@ async def guarded_metrics(
 METRICS_TOKEN = "metrics-token-0123456789"
 
 
-async def test_refused_metrics_tokens_lock_their_address_out_of_every_secret_token(
+async def test_refused_metrics_tokens_lock_their_address_out_of_the_metrics_token_only(
     guarded_metrics: httpx.AsyncClient, settings: Settings
 ) -> None:
     api = guarded_metrics
     admin = settings.admin_token.get_secret_value()
     guesser, scraper = "198.51.100.20", "198.51.100.21"
-    # A scrape without credentials is refused and is no guess: it spends nothing.
-    for _ in range(5):
-        assert (await api.get("/metrics", headers=_from(guesser))).status_code == 401
-    guesses = [await api.get("/metrics", headers=_from(guesser, f"guess-{i}")) for i in range(2)]
-    assert [r.status_code for r in guesses] == [401, 401]
-    # One budget for both secret tokens: a refused admin token spends the last of it.
-    assert (await api.get("/admin/events", headers=_from(guesser, "guess-2"))).status_code == 401
-    for path, token in (("/metrics", METRICS_TOKEN), ("/admin/events", admin)):
-        locked = await api.get(path, headers=_from(guesser, token))
-        assert (locked.status_code, locked.json()["error"]) == (429, "rate_limited"), path
+    guesses = [await api.get("/metrics", headers=_from(guesser, f"guess-{i}")) for i in range(3)]
+    assert [(r.status_code, r.json()["error"]) for r in guesses] == [(401, "unauthorized")] * 3
+    # The right token now gets the same answer as a wrong one.
+    for token in (METRICS_TOKEN, "guess-4"):
+        locked = await api.get("/metrics", headers=_from(guesser, token))
+        assert (locked.status_code, locked.json()["error"]) == (429, "rate_limited")
         assert 1 <= int(locked.headers["retry-after"]) <= 3600
+    # A request without a bearer token is no guess: refused as before, never 429.
+    for headers in (
+        _from(guesser),
+        {"X-Forwarded-For": guesser, "Authorization": "Basic eA=="},
+        {"X-Forwarded-For": guesser, "Authorization": ""},
+    ):
+        assert (await api.get("/metrics", headers=headers)).status_code == 401
+    # The admin token has a budget of its own: guessing one secret never locks out the other.
+    assert (await api.get("/admin/events", headers=_from(guesser, admin))).status_code == 200
     # Another address scrapes as before, and sees what was refused, by token.
     scraped = await api.get("/metrics", headers=_from(scraper, METRICS_TOKEN))
     assert scraped.status_code == 200
     text = scraped.text
-    assert 'checkout_admin_tokens_refused_total{outcome="refused",token="metrics"} 2.0' in text
-    assert 'checkout_admin_tokens_refused_total{outcome="refused",token="admin"} 1.0' in text
-    assert 'checkout_admin_tokens_refused_total{outcome="locked_out",token="metrics"} 1.0' in text
-    assert 'checkout_admin_tokens_refused_total{outcome="locked_out",token="admin"} 1.0' in text
+    assert 'checkout_admin_tokens_refused_total{outcome="refused",token="metrics"} 3.0' in text
+    assert 'checkout_admin_tokens_refused_total{outcome="locked_out",token="metrics"} 2.0' in text
+    assert 'token="admin"' not in text
 
 
-async def test_the_right_metrics_token_spends_nothing(guarded_metrics: httpx.AsyncClient) -> None:
+async def test_refused_admin_tokens_do_not_lock_an_address_out_of_the_metrics_token(
+    guarded_metrics: httpx.AsyncClient,
+) -> None:
+    api = guarded_metrics
+    client = "198.51.100.23"
+    for i in range(4):
+        await api.get("/admin/events", headers=_from(client, f"guess-{i}"))
+    assert (await api.get("/admin/events", headers=_from(client, "guess"))).status_code == 429
+    assert (await api.get("/metrics", headers=_from(client, METRICS_TOKEN))).status_code == 200
+
+
+async def test_the_right_metrics_token_spends_nothing_and_reads_as_any_bearer_header_does(
+    guarded_metrics: httpx.AsyncClient,
+) -> None:
     api = guarded_metrics
     client = "198.51.100.22"
-    for _ in range(5):
-        ok = await api.get("/metrics", headers=_from(client, METRICS_TOKEN))
-        assert ok.status_code == 200
-    assert (await api.get("/metrics", headers=_from(client, "guess"))).status_code == 401
+    for header in (
+        f"Bearer {METRICS_TOKEN}",
+        f"bearer  {METRICS_TOKEN} ",
+        f"BEARER {METRICS_TOKEN}",
+    ):
+        for _ in range(2):
+            ok = await api.get(
+                "/metrics", headers={"X-Forwarded-For": client, "Authorization": header}
+            )
+            assert ok.status_code == 200, header
+    # Two guesses of the budget's three, then the right token still answers.
+    for _ in range(2):
+        assert (await api.get("/metrics", headers=_from(client, "guess"))).status_code == 401
     assert (await api.get("/metrics", headers=_from(client, METRICS_TOKEN))).status_code == 200
 
 

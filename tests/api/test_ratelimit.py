@@ -299,15 +299,26 @@ async def test_the_middleware_sets_the_client_from_every_forwarded_for_header() 
     assert await client_seen((PROXY, 5000)) == (PROXY, 5000)
 
 
+GUARDED = {"rate_limit_auth_failures": "3/hour", "trusted_proxies": ["127.0.0.1"]}
+METRICS_TOKEN = "metrics-token-0123456789"
+
+
 @pytest.fixture
 async def guarded_api(
     db: SessionFactory, app_settings: Settings
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The app with RATE_LIMIT_AUTH_FAILURES=3/hour, behind a trusted proxy (the test client's
     127.0.0.1), so that a request says which client address it comes from."""
-    own = app_settings.model_copy(
-        update={"rate_limit_auth_failures": "3/hour", "trusted_proxies": ["127.0.0.1"]}
-    )
+    async with running_app(app_settings.model_copy(update=GUARDED)) as client:
+        yield client
+
+
+@pytest.fixture
+async def guarded_metrics(
+    db: SessionFactory, app_settings: Settings
+) -> AsyncIterator[httpx.AsyncClient]:
+    """As `guarded_api`, with METRICS_TOKEN set."""
+    own = app_settings.model_copy(update={**GUARDED, "metrics_token": SecretStr(METRICS_TOKEN)})
     async with running_app(own) as client:
         yield client
 
@@ -353,25 +364,6 @@ async def test_refused_admin_tokens_lock_their_address_out_of_the_admin_token(
     assert (
         'checkout_admin_tokens_refused_total{outcome="locked_out",token="admin"} 2.0' in exposition
     )
-
-
-@pytest.fixture
-async def guarded_metrics(
-    db: SessionFactory, app_settings: Settings
-) -> AsyncIterator[httpx.AsyncClient]:
-    """As `guarded_api`, with METRICS_TOKEN set."""
-    own = app_settings.model_copy(
-        update={
-            "rate_limit_auth_failures": "3/hour",
-            "trusted_proxies": ["127.0.0.1"],
-            "metrics_token": SecretStr(METRICS_TOKEN),
-        }
-    )
-    async with running_app(own) as client:
-        yield client
-
-
-METRICS_TOKEN = "metrics-token-0123456789"
 
 
 async def test_refused_metrics_tokens_lock_their_address_out_of_the_metrics_token_only(
